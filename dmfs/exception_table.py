@@ -1,0 +1,207 @@
+"""Completed exceptions of one snapshot, stored as runs.
+
+dm keeps a hash of `dm_exception`s and collapses runs of consecutive
+chunks (old and new both advancing by one) into one entry ("dm snapshot:
+combine consecutive exceptions in memory").  We do the same, keyed by
+bucket = old_chunk >> BUCKET_SHIFT, so a range lookup touches one or two
+buckets however many chunks it spans, and a million scattered exceptions
+cost three machine words each (plus the bucket's array header).
+
+Each bucket is an `array('q')` of flat triples (old, new, count), sorted
+by `old`, non-overlapping.  A run never crosses a bucket boundary (long
+runs are stored as one entry per bucket they cover).
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Iterator
+
+BUCKET_SHIFT = 12
+BUCKET_CHUNKS = 1 << BUCKET_SHIFT
+
+
+class ExceptionTable:
+    """Map origin chunk -> COW chunk, by runs.
+
+    Invariants:
+      * within a bucket, triples are sorted by old chunk and do not overlap;
+      * adjacent triples that continue each other (old and new both
+        contiguous) are merged, so a sequential stream stays one entry
+        per bucket;
+      * `len(self)` is the number of mapped chunks.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, array] = {}
+        self._chunks = 0
+
+    def __len__(self) -> int:
+        return self._chunks
+
+    def entries(self) -> int:
+        """How many runs are stored (for memory accounting)."""
+        return sum(len(b) // 3 for b in self._buckets.values())
+
+    # -- lookup ------------------------------------------------------------
+
+    @staticmethod
+    def _find(b: array, chunk: int) -> int:
+        """Index (in triples) of the first triple whose end is > chunk."""
+        lo, hi = 0, len(b) // 3
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if b[3 * mid] + b[3 * mid + 2] <= chunk:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def lookup(self, chunk: int) -> int | None:
+        """The COW chunk for origin `chunk`, or None."""
+        b = self._buckets.get(chunk >> BUCKET_SHIFT)
+        if not b:
+            return None
+        i = self._find(b, chunk)
+        if i < len(b) // 3:
+            old = b[3 * i]
+            if old <= chunk:
+                return b[3 * i + 1] + (chunk - old)
+        return None
+
+    def lookup_range(self, start: int, count: int) -> Iterator[tuple[int, int | None, int]]:
+        """Cover [start, start+count) with pieces (old, new|None, n), in order.
+
+        `new` is None for a piece that has no exception.  Consecutive
+        mapped pieces from different buckets are not merged (callers
+        remap each piece on its own; they are at most one per bucket).
+        """
+        end = start + count
+        pos = start
+        while pos < end:
+            bno = pos >> BUCKET_SHIFT
+            bend = min(end, (bno + 1) << BUCKET_SHIFT)
+            b = self._buckets.get(bno)
+            if not b:
+                yield (pos, None, bend - pos)
+                pos = bend
+                continue
+            i = self._find(b, pos)
+            ntrip = len(b) // 3
+            while pos < bend:
+                if i >= ntrip:
+                    yield (pos, None, bend - pos)
+                    pos = bend
+                    break
+                old, new, n = b[3 * i], b[3 * i + 1], b[3 * i + 2]
+                if old > pos:
+                    gap_end = min(old, bend)
+                    yield (pos, None, gap_end - pos)
+                    pos = gap_end
+                    continue
+                run_end = min(old + n, bend)
+                yield (pos, new + (pos - old), run_end - pos)
+                pos = run_end
+                i += 1
+
+    def missing(self, start: int, count: int) -> Iterator[tuple[int, int]]:
+        """The gaps (old, n) in [start, start+count) that have no exception."""
+        pend = None
+        pstart = 0
+        for old, new, n in self.lookup_range(start, count):
+            if new is None:
+                if pend == old:
+                    pend = old + n
+                else:
+                    if pend is not None:
+                        yield (pstart, pend - pstart)
+                    pstart, pend = old, old + n
+        if pend is not None:
+            yield (pstart, pend - pstart)
+
+    # -- update ------------------------------------------------------------
+
+    def insert(self, old: int, new: int, count: int = 1) -> None:
+        """Add the run old..old+count -> new..new+count.
+
+        Raises:
+          ValueError: some chunk of the run is already mapped (that would
+            be two exceptions for one chunk).
+        """
+        while count > 0:
+            bno = old >> BUCKET_SHIFT
+            n = min(count, ((bno + 1) << BUCKET_SHIFT) - old)
+            self._insert_in_bucket(bno, old, new, n)
+            old += n
+            new += n
+            count -= n
+
+    def _insert_in_bucket(self, bno: int, old: int, new: int, n: int) -> None:
+        b = self._buckets.get(bno)
+        if b is None:
+            self._buckets[bno] = array("q", (old, new, n))
+            self._chunks += n
+            return
+        i = self._find(b, old)
+        ntrip = len(b) // 3
+        if i < ntrip and b[3 * i] < old + n:
+            raise ValueError(f"chunk {max(old, b[3 * i])} already has an exception")
+        # Merge with the previous triple and/or the next one when contiguous.
+        prev_ok = i > 0 and b[3 * (i - 1)] + b[3 * (i - 1) + 2] == old \
+            and b[3 * (i - 1) + 1] + b[3 * (i - 1) + 2] == new
+        next_ok = i < ntrip and b[3 * i] == old + n and b[3 * i + 1] == new + n
+        if prev_ok and next_ok:
+            b[3 * (i - 1) + 2] += n + b[3 * i + 2]
+            del b[3 * i:3 * i + 3]
+        elif prev_ok:
+            b[3 * (i - 1) + 2] += n
+        elif next_ok:
+            b[3 * i] = old
+            b[3 * i + 1] = new
+            b[3 * i + 2] += n
+        else:
+            b[3 * i:3 * i] = array("q", (old, new, n))
+        self._chunks += n
+
+    def remove(self, old: int, count: int = 1) -> None:
+        """Drop the exceptions of [old, old+count) (merge forgets them).
+
+        Raises:
+          KeyError: some chunk in the range has no exception.
+        """
+        end = old + count
+        pos = old
+        while pos < end:
+            bno = pos >> BUCKET_SHIFT
+            bend = min(end, (bno + 1) << BUCKET_SHIFT)
+            b = self._buckets.get(bno)
+            i = self._find(b, pos) if b else 0
+            if not b or i >= len(b) // 3 or b[3 * i] > pos or b[3 * i] + b[3 * i + 2] < bend:
+                raise KeyError(f"chunks {pos}..{bend - 1} are not all mapped")
+            o, nw, n = b[3 * i], b[3 * i + 1], b[3 * i + 2]
+            pieces = []
+            if o < pos:
+                pieces.extend((o, nw, pos - o))
+            if o + n > bend:
+                pieces.extend((bend, nw + (bend - o), o + n - bend))
+            b[3 * i:3 * i + 3] = array("q", pieces)
+            if not b:
+                del self._buckets[bno]
+            self._chunks -= bend - pos
+            pos = bend
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """Every run (old, new, count) in old-chunk order, runs split at buckets merged."""
+        cur = None
+        for bno in sorted(self._buckets):
+            b = self._buckets[bno]
+            for i in range(0, len(b), 3):
+                old, new, n = b[i], b[i + 1], b[i + 2]
+                if cur and cur[0] + cur[2] == old and cur[1] + cur[2] == new:
+                    cur[2] += n
+                else:
+                    if cur:
+                        yield tuple(cur)
+                    cur = [old, new, n]
+        if cur:
+            yield tuple(cur)

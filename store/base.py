@@ -1,0 +1,169 @@
+"""The exception-store interface (the kernel's dm-exception-store.h).
+
+A store belongs to one snapshot.  It owns the snapshot's COW data file
+(chunks of old origin data and of the snapshot's own writes) and,
+for the persistent kinds, the metadata that maps origin chunks to COW
+chunks.  The dm core allocates COW chunks with `prepare_exception`,
+copies data into them (kcopyd), and then `commit_exceptions` makes the
+mapping durable; only after that may the origin chunk be overwritten.
+
+Chunk numbers are in units of `chunk_size`.  COW chunk `n` lives at byte
+`n * chunk_size` of the COW data file (`cow_fd`).  As in the kernel's
+persistent store, chunk 0 and every metadata "area" chunk are never
+handed out, so `usage()` reads the same as `dmsetup status` would for
+the same sequence of exceptions.
+
+Invariants every implementation keeps:
+  * a COW chunk is handed out by `prepare_exception` at most once until
+    it is released with `abort_exception`;
+  * when `commit_exceptions` returns, the data in the committed COW chunks
+    and the records mapping them are durable (persistent stores) — the
+    data is synced before the record that maps it is written;
+  * `exceptions()` after `open` yields exactly the committed mappings.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterable
+
+SECTOR = 512
+
+
+@dataclass(frozen=True)
+class ExceptionRun:
+    """`count` consecutive origin chunks from `old` mapped to COW chunks from `new`."""
+    old: int
+    new: int
+    count: int = 1
+
+
+class ExceptionStore(abc.ABC):
+    """One snapshot's exception store.
+
+    Attributes:
+      type_name: "P", "PO" or "N" as in a dm table line.
+      chunk_size: bytes per chunk (a power of two, >= 512).
+      cow_size: capacity of the store in bytes (what `dmsetup status`
+        calls total sectors * 512).
+      valid: False once the snapshot was invalidated (persisted).
+      overflow: True once a snapshot write found the store full (PO only).
+      cow_path: path of the COW data file.
+      cow_fd: an O_RDWR fd of the COW data file; the core reads and writes
+        COW chunks through it directly.
+    """
+
+    type_name: str
+    chunk_size: int
+    cow_size: int
+    valid: bool
+    overflow: bool
+    cow_path: str
+    cow_fd: int
+
+    # -- life cycle ------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    async def create(cls, base_path: str, *, chunk_size: int, cow_size: int,
+                     type_name: str = "P") -> "ExceptionStore":
+        """Create a new, empty store at `base_path` + suffixes and open it.
+
+        Raises:
+          DmError(EINVAL): bad chunk size or a cow_size smaller than the
+            store's own metadata.
+          DmError(EEXIST): a store already exists there.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    async def open(cls, base_path: str) -> "ExceptionStore":
+        """Open an existing store and replay its metadata (read_metadata).
+
+        Raises:
+          DmError(ENOENT): no store there.
+          DmError(EIO): the store cannot be read at all.
+        """
+
+    @abc.abstractmethod
+    def exceptions(self) -> Iterable[ExceptionRun]:
+        """The committed exceptions, as runs (valid after create/open)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Make everything durable and close the files."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Close (if open) and delete the store's files."""
+
+    # -- exceptions ------------------------------------------------------
+
+    @abc.abstractmethod
+    def prepare_exception(self, count: int = 1) -> ExceptionRun:
+        """Allocate up to `count` consecutive COW chunks.
+
+        Returns an `ExceptionRun(old=-1, new=first, count=n)` with
+        1 <= n <= count (fewer when the run would cross a metadata chunk
+        or the end of the store); the caller fills in `old`.
+
+        Raises:
+          StoreFull: not even one chunk is free.
+        """
+
+    @abc.abstractmethod
+    def abort_exception(self, run: ExceptionRun) -> None:
+        """Give back chunks from `prepare_exception` that will not be committed."""
+
+    @abc.abstractmethod
+    async def commit_exceptions(self, runs: list[ExceptionRun]) -> None:
+        """Make `runs` durable: COW data first, then the records.
+
+        Concurrent callers are group-committed: one data sync and one
+        metadata sync serve every commit that arrived meanwhile.
+
+        Raises:
+          DmError(EIO): the store could not be written; it is then invalid.
+        """
+
+    # -- state -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def drop_snapshot(self) -> None:
+        """Mark the snapshot invalid, durably (persistent_drop_snapshot)."""
+
+    @abc.abstractmethod
+    async def set_overflow(self) -> None:
+        """Record that a snapshot write found the store full (PO)."""
+
+    @abc.abstractmethod
+    async def set_cow_size(self, cow_size: int) -> None:
+        """Grow the store's capacity; clears `overflow`.
+
+        Raises:
+          DmError(EINVAL): cow_size is smaller than what is in use.
+        """
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every completed write to `cow_fd` durable (fdatasync)."""
+
+    # -- reporting -------------------------------------------------------
+
+    @abc.abstractmethod
+    def usage(self) -> tuple[int, int, int]:
+        """(sectors_allocated, total_sectors, metadata_sectors) as dm reports them."""
+
+    def status_params(self) -> str:
+        """The STATUSTYPE_INFO string of dm's snapshot target."""
+        if not self.valid:
+            return "Invalid"
+        if self.overflow:
+            return "Overflow"
+        a, t, m = self.usage()
+        return f"{a}/{t} {m}"
+
+    def table_params(self) -> str:
+        """The store's part of a dm table line: ' P 8' style, no leading space."""
+        return f"{self.type_name} {self.chunk_size // SECTOR}"

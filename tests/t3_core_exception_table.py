@@ -1,0 +1,77 @@
+"""The completed-exception table: runs, buckets, range lookups."""
+
+import random
+
+import pytest
+
+from dmfs.exception_table import BUCKET_CHUNKS, ExceptionTable
+
+
+def test_consecutive_exceptions_collapse_into_one_run():
+    t = ExceptionTable()
+    for i in range(1000):
+        t.insert(50 + i, 7 + i)
+    assert len(t) == 1000
+    assert t.entries() == 1
+    assert list(t.runs()) == [(50, 7, 1000)]
+    assert t.lookup(50) == 7 and t.lookup(1049) == 1006 and t.lookup(1050) is None
+
+
+def test_runs_crossing_buckets_and_gaps():
+    t = ExceptionTable()
+    t.insert(BUCKET_CHUNKS - 2, 100, 4)
+    assert t.entries() == 2
+    assert list(t.runs()) == [(BUCKET_CHUNKS - 2, 100, 4)]
+    pieces = list(t.lookup_range(BUCKET_CHUNKS - 4, 8))
+    assert pieces == [(BUCKET_CHUNKS - 4, None, 2), (BUCKET_CHUNKS - 2, 100, 2),
+                      (BUCKET_CHUNKS, 102, 2), (BUCKET_CHUNKS + 2, None, 2)]
+    assert list(t.missing(BUCKET_CHUNKS - 4, 8)) == [(BUCKET_CHUNKS - 4, 2), (BUCKET_CHUNKS + 2, 2)]
+
+
+def test_two_exceptions_for_one_chunk_are_refused():
+    t = ExceptionTable()
+    t.insert(10, 1, 5)
+    with pytest.raises(ValueError):
+        t.insert(14, 99)
+    with pytest.raises(ValueError):
+        t.insert(8, 99, 3)
+    assert len(t) == 5
+
+
+def test_remove_from_either_end_and_middle():
+    t = ExceptionTable()
+    t.insert(0, 100, 10)
+    t.remove(9)
+    t.remove(0)
+    t.remove(4, 2)
+    assert list(t.runs()) == [(1, 101, 3), (6, 106, 3)]
+    assert len(t) == 6
+    with pytest.raises(KeyError):
+        t.remove(4)
+
+
+def test_random_against_a_dict():
+    rnd = random.Random(1)
+    t = ExceptionTable()
+    model = {}
+    nxt = 0
+    for _ in range(3000):
+        start = rnd.randrange(3 * BUCKET_CHUNKS)
+        n = rnd.randrange(1, 40)
+        if any(c in model for c in range(start, start + n)):
+            continue
+        t.insert(start, nxt, n)
+        for i in range(n):
+            model[start + i] = nxt + i
+        nxt += n + rnd.randrange(2)
+    assert len(t) == len(model)
+    for c in range(3 * BUCKET_CHUNKS + 50):
+        assert t.lookup(c) == model.get(c)
+    for _ in range(200):
+        s = rnd.randrange(3 * BUCKET_CHUNKS)
+        n = rnd.randrange(1, 600)
+        covered = []
+        for old, new, k in t.lookup_range(s, n):
+            for i in range(k):
+                covered.append((old + i, None if new is None else new + i))
+        assert covered == [(c, model.get(c)) for c in range(s, s + n)]

@@ -1,0 +1,311 @@
+"""The dm core without FUSE: origins, snapshots, COW, tracking, handover.
+
+Every test drives a real `Pool` on tmp_path with real stores and kcopyd.
+"""
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from dmfs.control import SnapshotSpec
+from dmfs.errors import DmError
+from dmfs.pool import Pool
+
+MiB = 1 << 20
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+async def pool(tmp_path, nursery):
+    p = await Pool.open(str(tmp_path / "pool"), nursery)
+    yield p
+    await p.close()
+
+
+async def test_snapshot_keeps_point_in_time_and_origin_takes_new_data(pool):
+    o = await pool.create_origin("vm", 4 * MiB)
+    old = pattern(1, 4 * MiB)
+    await o.write(0, old)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    new = pattern(2, 1 * MiB)
+    await o.write(512 * 1024 + 100, new)
+    assert bytes(await s.read(0, 4 * MiB)) == old
+    expect = bytearray(old)
+    expect[512 * 1024 + 100:512 * 1024 + 100 + MiB] = new
+    assert bytes(await o.read(0, 4 * MiB)) == bytes(expect)
+    # Only the chunks touched were copied: 257 chunks (offset not aligned).
+    assert len(s.complete) == 257
+    assert s.complete.entries() <= 2
+
+
+async def test_status_and_table_strings(pool):
+    o = await pool.create_origin("vm", 64 * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096, cow_size=64 * MiB))
+    assert s.status() == "16/131072 16"
+    assert s.table() == f"0 131072 snapshot {o.path} {s.store.cow_path} P 8"
+    assert o.status() == ""
+    assert o.table() == f"0 131072 snapshot-origin {o.path}"
+    await o.write(0, b"x" * 8192)
+    assert s.status() == "32/131072 16"  # two data chunks after header and area 0
+
+
+async def test_snapshot_writes_partial_and_full_chunks(pool):
+    o = await pool.create_origin("vm", 1 * MiB)
+    base = pattern(3, MiB)
+    await o.write(0, base)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=8192))
+    expect = bytearray(base)
+    for off, n in [(100, 50), (8192, 16384), (30000, 20000), (MiB - 10, 10)]:
+        d = pattern(off, n)
+        await s.write(off, d)
+        expect[off:off + n] = d
+    assert bytes(await s.read(0, MiB)) == bytes(expect)
+    assert bytes(await o.read(0, MiB)) == base
+    # After a remount, the same.
+    await s.flush()
+
+
+async def test_two_snapshots_of_different_chunk_sizes_random_model(pool):
+    size = 2 * MiB
+    o = await pool.create_origin("vm", size)
+    rnd = random.Random(7)
+    model = bytearray(pattern(9, size))
+    await o.write(0, bytes(model))
+    snaps = {}
+    for i, cs in enumerate([4096, 65536, 16384]):
+        s = await pool.create_snapshot(o, SnapshotSpec(f"s{i}", chunk_size=cs))
+        snaps[s] = bytearray(model)
+        for _ in range(25):
+            off = rnd.randrange(size - 1)
+            n = min(size - off, rnd.choice([512, 4096, 5000, 70000, 300000]))
+            d = rnd.randbytes(n)
+            target = rnd.choice([o, o, s])
+            await target.write(off, d)
+            (model if target is o else snaps[s])[off:off + n] = d
+    assert bytes(await o.read(0, size)) == bytes(model)
+    for s, content in snaps.items():
+        assert bytes(await s.read(0, size)) == bytes(content), s.name
+    # Everything survives a restart of the pool.
+    path = pool.path
+    await pool.close()
+    async with trio.open_nursery() as n:
+        p2 = await Pool.open(path, n)
+        assert bytes(await p2.lookup("vm.img").read(0, size)) == bytes(model)
+        for s, content in snaps.items():
+            assert bytes(await p2.lookup(s.filename).read(0, size)) == bytes(content)
+        await p2.close()
+
+
+async def test_concurrent_origin_writes_to_one_chunk_make_one_exception(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=65536))
+    async with trio.open_nursery() as n:
+        for i in range(20):
+            n.start_soon(o.write, i * 512, bytes([66 + i]) * 512)
+    assert len(s.complete) == 1
+    assert s.store.usage()[0] == 3 * 128  # header, area, one data chunk (in sectors)
+    assert bytes(await s.read(0, 65536)) == b"A" * 65536
+
+
+async def test_origin_write_waits_for_tracked_snapshot_reads(pool):
+    """C-race: a snapshot read routed to the origin must finish before the
+    origin chunk is overwritten."""
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    token = s.tracked.add(2, 1)  # a read of chunk 2 still in flight
+    done = trio.Event()
+
+    async def write():
+        await o.write(2 * 4096, b"B" * 4096)
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(write)
+        with trio.move_on_after(0.3):
+            await done.wait()
+        assert not done.is_set(), "origin write overtook a tracked snapshot read"
+        # The exception is complete already, so new reads go to the COW copy.
+        assert s.complete.lookup(2) is not None
+        s.tracked.remove(token)
+        with trio.fail_after(5):
+            await done.wait()
+    assert bytes(await s.read(2 * 4096, 4096)) == b"A" * 4096
+
+
+async def test_origin_overflow_invalidates_snapshot_and_origin_goes_on(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    # Header + area + 2 data chunks of 4K.
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096, cow_size=4 * 4096))
+    await o.write(0, b"B" * 8192)
+    assert s.valid
+    await o.write(65536, b"C" * 4096)  # needs a third chunk: no room
+    assert not s.valid
+    assert s.status() == "Invalid"
+    assert bytes(await o.read(65536, 4096)) == b"C" * 4096
+    with pytest.raises(DmError) as e:
+        await s.read(0, 4096)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(DmError):
+        await s.write(0, b"x")
+    await trio.sleep(0.1)  # the invalid flag is persisted in the background
+    path = pool.path
+    await pool.close()
+    async with trio.open_nursery() as n:
+        p2 = await Pool.open(path, n)
+        s2 = p2.lookup("vm@s1.img")
+        assert s2 is not None and s2.status() == "Invalid"
+        await p2.close()
+
+
+async def test_po_snapshot_write_overflow_keeps_reads(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096, cow_size=4 * 4096, store="PO"))
+    await s.write(0, b"S" * 8192)
+    with pytest.raises(DmError) as e:
+        await s.write(65536, b"T" * 4096)
+    assert e.value.errno == errno.EIO
+    assert s.status() == "Overflow"
+    assert bytes(await s.read(0, 8192)) == b"S" * 8192
+    assert bytes(await s.read(65536, 4096)) == b"A" * 4096
+    with pytest.raises(DmError):
+        await s.write(0, b"x")
+    await pool.set_cow_size(s, 64 * 4096)
+    assert s.status().endswith(" 16")
+    await s.write(65536, b"T" * 4096)
+
+
+async def test_readonly_handover_and_delete(pool):
+    o = await pool.create_origin("vm", MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1"))
+    await pool.set_readonly(s, True)
+    with pytest.raises(DmError) as e:
+        await s.write(0, b"x")
+    assert e.value.errno == errno.EROFS
+    await pool.set_readonly(s, False)
+    await s.write(0, b"x")
+    s.open_count = 1
+    with pytest.raises(DmError) as e:
+        await pool.delete_snapshot(s)
+    assert e.value.errno == errno.EBUSY
+    s.open_count = 0
+    cow = s.store.cow_path
+    await pool.delete_snapshot(s)
+    assert pool.lookup("vm@s1.img") is None
+    assert not os.path.exists(cow)
+    await o.write(0, b"y" * 4096)  # no COW into a deleted snapshot
+
+
+async def test_errors_change_nothing(pool):
+    o = await pool.create_origin("vm", MiB)
+    await pool.create_snapshot(o, SnapshotSpec("s1"))
+    with pytest.raises(DmError) as e:
+        await pool.create_snapshot(o, SnapshotSpec("s1"))
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(DmError) as e:
+        await pool.create_origin("vm", MiB)
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(DmError) as e:
+        await pool.resize_origin(o, MiB // 2)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(DmError) as e:
+        await pool.delete_origin(o)
+    assert e.value.errno == errno.EBUSY
+    with pytest.raises(DmError) as e:
+        await o.write(MiB - 10, b"x" * 20)
+    assert e.value.errno == errno.ENOSPC
+    assert [v.filename for v in pool.volumes()] == ["vm.img", "vm@s1.img"]
+    assert o.size == MiB
+
+
+async def test_grow_origin_snapshot_keeps_size(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1"))
+    await pool.resize_origin(o, 2 * MiB)
+    assert o.size == 2 * MiB and s.size == MiB
+    await o.write(MiB, b"B" * MiB)  # beyond the snapshot: no COW
+    assert len(s.complete) == 0
+    await o.write(MiB - 4096, b"C" * 8192)
+    assert len(s.complete) == 1
+    assert bytes(await s.read(0, 2 * MiB)) == b"A" * MiB
+
+
+async def test_transient_snapshot_is_gone_after_restart(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("t", store="N", chunk_size=4096))
+    await o.write(0, b"B" * 4096)
+    assert bytes(await s.read(0, 4096)) == b"A" * 4096
+    assert s.status().endswith(" 0")
+    path = pool.path
+    await pool.close()
+    async with trio.open_nursery() as n:
+        p2 = await Pool.open(path, n)
+        assert p2.lookup("vm@t.img") is None
+        assert not [f for f in os.listdir(path) if "@" in f]
+        await p2.close()
+
+
+async def test_suspend_drains_requests_in_flight(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    # Hold a COW copy so an origin write stays in flight.
+    gate = trio.Event()
+    real_copy = o.kcopyd.copy
+
+    async def slow_copy(*a, **k):
+        await gate.wait()
+        return await real_copy(*a, **k)
+
+    o.kcopyd.copy = slow_copy
+    suspended = trio.Event()
+
+    async def suspender():
+        await o.device.suspend()
+        suspended.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(o.write, 0, b"B" * 4096)
+        await trio.testing.wait_all_tasks_blocked()
+        assert o.device.in_flight == 1
+        n.start_soon(suspender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not suspended.is_set()
+        gate.set()
+        with trio.fail_after(5):
+            await suspended.wait()
+        assert o.device.in_flight == 0
+        # While suspended, a new request waits.
+        n.start_soon(o.write, 8192, b"C" * 4096)
+        await trio.testing.wait_all_tasks_blocked()
+        assert o.device.in_flight == 0
+        o.device.resume()
+    assert bytes(await s.read(0, 12288)) == b"A" * 12288
+    assert bytes(await o.read(8192, 4096)) == b"C" * 4096
+
+
+async def test_copy_error_invalidates_only_that_snapshot(pool):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    good = await pool.create_snapshot(o, SnapshotSpec("good", chunk_size=4096))
+    bad = await pool.create_snapshot(o, SnapshotSpec("bad", chunk_size=4096))
+    # Writes to the bad store's COW file fail from now on.
+    ro = os.open(bad.store.cow_path, os.O_RDONLY)
+    os.dup2(ro, bad.store.cow_fd)
+    os.close(ro)
+    with trio.fail_after(10):
+        await o.write(0, b"B" * 4096)
+    assert good.valid and not bad.valid
+    assert bytes(await good.read(0, 4096)) == b"A" * 4096
+    assert bytes(await o.read(0, 4096)) == b"B" * 4096

@@ -1,0 +1,529 @@
+"""store.persistent: kernel-equal accounting, durability, crash recovery, group commit."""
+
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from dmfs.errors import DmError, SnapshotInvalid, StoreFull
+from store import PersistentStore, create_store, open_store, remove_store
+from store import format as fmt
+from store.base import ExceptionRun
+
+K4 = 4096
+G1 = 1 << 30
+
+
+@pytest.fixture
+def base(tmp_path):
+    return str(tmp_path / "vm@s1")
+
+
+async def make(base, chunk_size=K4, cow_size=G1, type_name="P"):
+    return await PersistentStore.create(base, chunk_size=chunk_size, cow_size=cow_size,
+                                        type_name=type_name)
+
+
+async def commit_one(store, old, count=1):
+    run = store.prepare_exception(count)
+    run = ExceptionRun(old, run.new, run.count)
+    await store.commit_exceptions([run])
+    return run
+
+
+def append_records(base, records):
+    """Append raw records to a closed store's log, as a crashed writer would have."""
+    with open(base + ".log", "r+b") as f:
+        buf = f.read()
+        hdr, _ = fmt.pick_header(buf[:fmt.HEADER_AREA])
+        seed = fmt.log_seed(hdr.uuid)
+        scan = fmt.scan_log(buf, seed=seed)
+        f.seek(scan.end)
+        seq = len(scan.records)
+        for i, runs in enumerate(records):
+            f.write(fmt.encode_record(fmt.exception_record(seq + 1 + i, runs), seed))
+
+
+# -- create / open ------------------------------------------------------------
+
+async def test_empty_store_usage_matches_kernel(base):
+    s = await make(base)
+    assert s.usage() == (16, 2097152, 16)
+    assert s.status_params() == "16/2097152 16"
+    assert s.table_params() == "P 8"
+    assert os.path.getsize(base + ".cow") == G1
+    assert os.stat(base + ".cow").st_blocks == 0   # sparse
+    assert os.path.getsize(base + ".log") == fmt.HEADER_AREA
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.usage() == (16, 2097152, 16)
+    assert list(s.exceptions()) == []
+    assert (s.chunk_size, s.cow_size, s.valid, s.overflow) == (K4, G1, True, False)
+    await s.close()
+
+
+@pytest.mark.parametrize("chunk_size", [0, 256, 1000, 3 << 12, 2 << 30])
+async def test_create_rejects_bad_chunk_size(base, chunk_size):
+    with pytest.raises(DmError, match="power of two") as ei:
+        await make(base, chunk_size=chunk_size)
+    assert ei.value.errno == errno.EINVAL
+    assert not os.path.exists(base + ".cow")
+
+
+@pytest.mark.parametrize("cow_size", [3 * K4 - 512, 3 * K4 + 1, 0])
+async def test_create_rejects_bad_cow_size(base, cow_size):
+    with pytest.raises(DmError) as ei:
+        await make(base, cow_size=cow_size)
+    assert ei.value.errno == errno.EINVAL
+
+
+async def test_create_rejects_bad_type(base):
+    with pytest.raises(DmError) as ei:
+        await make(base, type_name="N")
+    assert ei.value.errno == errno.EINVAL
+
+
+async def test_create_existing_is_eexist(base):
+    s = await make(base)
+    await s.close()
+    with pytest.raises(DmError) as ei:
+        await make(base)
+    assert ei.value.errno == errno.EEXIST
+    # the existing store is untouched
+    s = await PersistentStore.open(base)
+    await s.close()
+
+
+async def test_open_missing_is_enoent(base):
+    with pytest.raises(DmError) as ei:
+        await PersistentStore.open(base)
+    assert ei.value.errno == errno.ENOENT
+
+
+async def test_open_without_valid_header_is_eio(base):
+    s = await make(base)
+    await s.close()
+    with open(base + ".log", "r+b") as f:
+        f.write(bytes(1024))
+    with pytest.raises(DmError, match="no valid header") as ei:
+        await PersistentStore.open(base)
+    assert ei.value.errno == errno.EIO
+
+
+async def test_open_without_cow_is_eio(base):
+    s = await make(base)
+    await s.close()
+    os.unlink(base + ".cow")
+    with pytest.raises(DmError) as ei:
+        await PersistentStore.open(base)
+    assert ei.value.errno == errno.EIO
+
+
+# -- exceptions and accounting -------------------------------------------------
+
+async def test_many_exceptions_survive_reopen(base):
+    s = await make(base)
+    committed = []
+    old = 1000
+    for i in range(300):
+        count = 1 + i % 5
+        run = s.prepare_exception(count)
+        run = ExceptionRun(old, run.new, run.count)
+        old += run.count + (i % 3 == 0)    # some runs continue the previous one
+        committed.append(run)
+        if i % 7 == 6:
+            await s.commit_exceptions(committed[-7:])
+    await s.commit_exceptions(committed[-(300 % 7):])
+    before_ex, before_usage = list(s.exceptions()), s.usage()
+    # every committed chunk is in the (coalesced) list
+    chunks = {(r.old + k, r.new + k) for r in committed for k in range(r.count)}
+    assert {(r.old + k, r.new + k) for r in before_ex for k in range(r.count)} == chunks
+    assert len(before_ex) < len(committed)       # runs were coalesced
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert list(s.exceptions()) == before_ex
+    assert s.usage() == before_usage
+    assert s.free_chunks() == []
+    # appending after reopen continues the log
+    r = await commit_one(s, 5)
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert list(s.exceptions())[-1] == r
+    await s.close()
+
+
+async def test_area_rollover_and_metadata_chunk_skip(base):
+    s = await make(base)
+    epa = K4 // 16
+    assert epa == 256
+    runs = [ExceptionRun(i, s.prepare_exception().new) for i in range(epa)]
+    assert [r.new for r in runs] == list(range(2, 258))
+    await s.commit_exceptions(runs)
+    # kernel: next_free skipped area 1's chunk 258; current_area is now 1
+    assert s.next_free == 259
+    assert s.usage() == (259 * 8, 2097152, 3 * 8)
+    assert s.prepare_exception().new == 259
+    await s.close()
+
+
+async def test_run_stops_before_metadata_chunk(base):
+    s = await make(base)
+    r = s.prepare_exception(300)
+    assert (r.new, r.count) == (2, 256)
+    r = s.prepare_exception(300)
+    assert (r.new, r.count) == (259, 256)
+    await s.close()
+
+
+async def test_store_full(base):
+    s = await make(base, cow_size=4 * K4)   # header, area 0, chunks 2 and 3
+    assert s.prepare_exception(5) == ExceptionRun(-1, 2, 2)
+    with pytest.raises(StoreFull) as ei:
+        s.prepare_exception()
+    assert ei.value.errno == errno.ENOSPC
+    await s.close()
+
+
+async def test_store_full_partial_last_chunk(base):
+    # a trailing partial chunk is unusable, as in the kernel
+    s = await make(base, cow_size=4 * K4 - 512)
+    assert s.prepare_exception(5) == ExceptionRun(-1, 2, 1)
+    with pytest.raises(StoreFull):
+        s.prepare_exception()
+    await s.close()
+
+
+async def test_abort_exception_reuses_chunks(base):
+    s = await make(base)
+    a = s.prepare_exception(4)
+    b = s.prepare_exception(1)
+    assert (a.new, a.count, b.new) == (2, 4, 6)
+    s.abort_exception(ExceptionRun(-1, 3, 2))
+    assert s.free_chunks() == [(3, 2)]
+    assert s.prepare_exception(8) == ExceptionRun(-1, 3, 2)    # shorter run, from the free list
+    assert s.prepare_exception() == ExceptionRun(-1, 7, 1)
+    with pytest.raises(ValueError):
+        s.abort_exception(ExceptionRun(-1, 100, 1))             # never handed out
+    s.abort_exception(ExceptionRun(-1, 7, 1))
+    with pytest.raises(ValueError):
+        s.abort_exception(ExceptionRun(-1, 7, 1))               # double free
+    await s.close()
+
+
+async def test_crash_hole_goes_to_free_list(base):
+    s = await make(base)
+    a = s.prepare_exception(2)            # chunks 2, 3: "A", never committed
+    b = s.prepare_exception(1)            # chunk 4: "B", committed
+    assert (a.new, b.new) == (2, 4)
+    await s.commit_exceptions([ExceptionRun(77, b.new)])
+    await s.close()
+    # and a crashed writer left a record for chunk 6 (chunk 5 never committed)
+    append_records(base, [[ExceptionRun(78, 6)]])
+    s = await PersistentStore.open(base)
+    assert s.next_free == 7
+    assert s.free_chunks() == [(2, 2), (5, 1)]
+    assert s.usage()[0] == 7 * 8
+    assert s.prepare_exception(4) == ExceptionRun(-1, 2, 2)
+    assert s.prepare_exception(4) == ExceptionRun(-1, 5, 1)
+    assert s.prepare_exception(4) == ExceptionRun(-1, 7, 4)
+    await s.close()
+
+
+async def test_crash_hole_across_metadata_chunk(base):
+    s = await make(base)
+    await s.close()
+    append_records(base, [[ExceptionRun(1, 300)]])
+    s = await PersistentStore.open(base)
+    # chunks 2..299 are holes except area 1's metadata chunk 258
+    assert s.free_chunks() == [(2, 256), (259, 41)]
+    assert s.next_free == 301
+    await s.close()
+
+
+async def test_reopen_after_top_chunks_aborted(base):
+    s = await make(base)
+    await commit_one(s, 0)
+    s.prepare_exception(10)               # allocated, never committed
+    assert s.next_free == 13
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.next_free == 3               # reclaimed, as the kernel would
+    await s.close()
+
+
+async def test_torn_log_tail_is_cut_on_open(base):
+    s = await make(base)
+    runs = [await commit_one(s, i) for i in range(10)]
+    await s.close()
+    size = os.path.getsize(base + ".log")
+    # a torn append: a frame header promising more than was written
+    with open(base + ".log", "ab") as f:
+        f.write(fmt.FRAME.pack(100, 12345) + b"\x81\xa3seq")
+    s = await PersistentStore.open(base)
+    assert os.path.getsize(base + ".log") == size       # garbage truncated
+    assert list(s.exceptions()) == [ExceptionRun(0, 2, 10)]   # coalesced
+    r = await commit_one(s, 50)
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert list(s.exceptions())[-1] == r
+    assert sum(x.count for x in s.exceptions()) == len(runs) + 1
+    await s.close()
+
+
+async def test_corrupt_last_record_loses_only_that_record(base):
+    s = await make(base)
+    await commit_one(s, 10)
+    await commit_one(s, 20)
+    end_before_last = os.path.getsize(base + ".log")
+    await commit_one(s, 30)
+    await s.close()
+    with open(base + ".log", "r+b") as f:
+        f.seek(end_before_last + fmt.FRAME.size + 2)
+        f.write(b"\xff")
+    s = await PersistentStore.open(base)
+    assert [r.old for r in s.exceptions()] == [10, 20]
+    assert s.free_chunks() == [] and s.next_free == 4
+    await s.close()
+
+
+async def test_unknown_record_type_refuses_open(base):
+    s = await make(base)
+    await s.close()
+    with open(base + ".log", "r+b") as f:
+        hdr, _ = fmt.pick_header(f.read(fmt.HEADER_AREA))
+        f.seek(fmt.LOG_START)
+        f.write(fmt.encode_record({"seq": 1, "t": "m", "merged": 3}, fmt.log_seed(hdr.uuid)))
+    with pytest.raises(DmError, match="unsupported type") as ei:
+        await PersistentStore.open(base)
+    assert ei.value.errno == errno.EIO
+
+
+# -- group commit ------------------------------------------------------------
+
+async def test_group_commit_batches_concurrent_callers(base):
+    s = await make(base)
+    runs = [ExceptionRun(i, s.prepare_exception().new) for i in range(50)]
+    done = []
+
+    async def one(r):
+        await s.commit_exceptions([r])
+        done.append(r)
+
+    async with trio.open_nursery() as n:
+        for r in runs:
+            n.start_soon(one, r)
+    assert len(done) == 50
+    assert s.commits < 50
+    assert s.records == s.commits
+    await s.close()
+    s = await PersistentStore.open(base)
+    got = {(r.old + k, r.new + k) for r in s.exceptions() for k in range(r.count)}
+    assert got == {(r.old, r.new) for r in runs}
+    await s.close()
+
+
+async def test_cancelled_waiter_withdraws_its_runs(base):
+    s = await make(base)
+    r1 = ExceptionRun(1, s.prepare_exception().new)
+    r2 = ExceptionRun(2, s.prepare_exception().new)
+    async with trio.open_nursery() as n:
+        n.start_soon(s.commit_exceptions, [r1])      # leads, in its thread
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            # joins the next batch, then is cancelled while waiting
+            await s.commit_exceptions([r2])
+    s.abort_exception(r2)
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert list(s.exceptions()) == [r1]
+    await s.close()
+
+
+async def test_commit_io_error_invalidates(base):
+    s = await make(base)
+    run = ExceptionRun(1, s.prepare_exception().new)
+    good_fd = s.log_fd
+    s.log_fd = os.open(base + ".log", os.O_RDONLY)   # writes now fail (EBADF)
+    try:
+        with pytest.raises(DmError) as ei:
+            await s.commit_exceptions([run])
+        assert ei.value.errno == errno.EIO
+        assert not s.valid
+        assert s.status_params() == "Invalid"
+        with pytest.raises(SnapshotInvalid):
+            await s.commit_exceptions([run])
+    finally:
+        os.close(s.log_fd)
+        s.log_fd = good_fd
+    await s.close()
+
+
+async def test_commit_rejects_unprepared_run(base):
+    s = await make(base)
+    with pytest.raises(ValueError):
+        await s.commit_exceptions([ExceptionRun(1, 2)])
+    run = s.prepare_exception()
+    with pytest.raises(ValueError):
+        await s.commit_exceptions([run])       # old not filled in
+    await s.close()
+
+
+# -- state -----------------------------------------------------------------
+
+async def test_drop_snapshot_persists(base):
+    s = await make(base)
+    await commit_one(s, 3)
+    await s.drop_snapshot()
+    assert s.status_params() == "Invalid"
+    with pytest.raises(SnapshotInvalid):
+        await s.commit_exceptions([ExceptionRun(4, s.prepare_exception().new)])
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert not s.valid
+    assert s.status_params() == "Invalid"
+    await s.close()
+
+
+async def test_corrupt_newest_header_slot_falls_back(base):
+    s = await make(base)                   # slot A, gen 1
+    await s.drop_snapshot()                # slot B, gen 2, valid False
+    await s.close()
+    with open(base + ".log", "r+b") as f:
+        f.seek(fmt.SLOT_SIZE + 20)
+        f.write(b"\x00\x01\x02")
+    s = await PersistentStore.open(base)
+    assert s.valid                         # slot A's state
+    # the next header write goes over the broken slot, and wins
+    await s.set_overflow()
+    await s.close()
+    with open(base + ".log", "rb") as f:
+        hdr, slot = fmt.pick_header(f.read(fmt.HEADER_AREA))
+    assert (slot, hdr.gen, hdr.overflow, hdr.valid) == (1, 2, True, True)
+
+
+async def test_header_alternates_slots(base):
+    s = await make(base)
+    for i in range(5):
+        await s.set_cow_size(G1 + (i + 1) * K4)
+    await s.close()
+    with open(base + ".log", "rb") as f:
+        area = f.read(fmt.HEADER_AREA)
+    a = fmt.decode_header(area[:512])
+    b = fmt.decode_header(area[512:1024])
+    assert {a.gen, b.gen} == {5, 6}
+    assert max(a, b, key=lambda h: h.gen).cow_size == G1 + 5 * K4
+
+
+async def test_overflow_status_and_persistence(base):
+    s = await make(base, type_name="PO")
+    await s.set_overflow()
+    assert s.status_params() == "Overflow"
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.overflow and s.type_name == "PO"
+    assert s.table_params() == "PO 8"
+    await s.close()
+
+
+async def test_set_cow_size_grow_persists_and_clears_overflow(base):
+    s = await make(base, cow_size=4 * K4)
+    s.prepare_exception(2)
+    with pytest.raises(StoreFull):
+        s.prepare_exception()
+    await s.set_overflow()
+    await s.set_cow_size(64 * K4)
+    assert not s.overflow
+    assert s.prepare_exception() == ExceptionRun(-1, 4, 1)
+    assert os.path.getsize(base + ".cow") == 64 * K4
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.cow_size == 64 * K4 and not s.overflow
+    assert s.usage()[1] == 64 * K4 // 512
+    await s.close()
+
+
+async def test_set_cow_size_shrink(base):
+    s = await make(base, cow_size=64 * K4)
+    await commit_one(s, 0, 8)              # chunks 2..9, next_free 10
+    with pytest.raises(DmError) as ei:
+        await s.set_cow_size(9 * K4)
+    assert ei.value.errno == errno.EINVAL
+    assert s.cow_size == 64 * K4
+    await s.set_cow_size(10 * K4)          # exactly what is in use: allowed
+    with pytest.raises(StoreFull):
+        s.prepare_exception()
+    with pytest.raises(DmError):
+        await s.set_cow_size(10 * K4 + 1)  # not a multiple of 512
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.cow_size == 10 * K4
+    await s.close()
+
+
+async def test_flush_close_destroy(base):
+    s = await make(base)
+    await commit_one(s, 0)
+    os.pwrite(s.cow_fd, b"x" * K4, 2 * K4)
+    await s.flush()
+    await s.destroy()
+    assert not os.path.exists(base + ".cow")
+    assert not os.path.exists(base + ".log")
+    with pytest.raises(DmError):
+        s.prepare_exception()
+
+
+# -- factory ---------------------------------------------------------------
+
+async def test_factory(base):
+    s = await create_store(base, type_name="P", chunk_size=16384, cow_size=G1)
+    assert isinstance(s, PersistentStore)
+    assert s.usage() == (64, 2097152, 64)
+    await s.close()
+    s = await open_store(base, "PO")       # table switched to PO
+    assert s.type_name == "PO"
+    await s.close()
+    s = await open_store(base, "PO")
+    assert s.type_name == "PO"
+    await s.close()
+    with pytest.raises(DmError) as ei:
+        await create_store(base + "x", type_name="Q", chunk_size=K4, cow_size=G1)
+    assert ei.value.errno == errno.EINVAL
+    await remove_store(base)
+    await remove_store(base)               # nothing left: no error
+    assert not os.path.exists(base + ".log")
+
+
+async def test_full_store_with_skipped_last_metadata_chunk_reopens(base):
+    # chunks 0..257: the last data chunk is 257, after which next_free skips
+    # area 1's chunk 258, past the end of the store
+    s = await make(base, cow_size=258 * K4)
+    r = s.prepare_exception(1000)
+    assert (r.new, r.count) == (2, 256)
+    await s.commit_exceptions([ExceptionRun(0, r.new, r.count)])
+    with pytest.raises(StoreFull):
+        s.prepare_exception()
+    usage = s.usage()
+    assert usage == (259 * 8, 258 * 8, 3 * 8)     # what the kernel would print
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.usage() == usage
+    await s.close()
+
+
+async def test_close_waits_for_commits_in_flight(base):
+    s = await make(base)
+    runs = [ExceptionRun(i, s.prepare_exception().new) for i in range(20)]
+    async with trio.open_nursery() as n:
+        for r in runs:
+            n.start_soon(s.commit_exceptions, [r])
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(s.close)
+    with pytest.raises(DmError):
+        await s.commit_exceptions([runs[0]])
+    s = await PersistentStore.open(base)
+    got = {(r.old + k, r.new + k) for r in s.exceptions() for k in range(r.count)}
+    assert got == {(r.old, r.new) for r in runs}
+    await s.close()

@@ -123,6 +123,7 @@ class MappedDevice:
 
     def resume(self) -> None:
         self.suspended = False
+        self._table.resume()
         self._resumed.set()
 
     # -- the request path ---------------------------------------------------

@@ -32,7 +32,8 @@ from store.base import SECTOR
 from .control import SnapshotSpec
 from .device import run_io
 from .errors import DmError
-from .snapshot import Origin, Snapshot, SnapshotConfig, Volume
+from .merge import Merge, MergeTarget
+from .snapshot import Origin, OriginTarget, Snapshot, SnapshotConfig, SnapshotTarget, Volume
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,16 @@ class Pool:
             origin.register(snap)
         if dropped:
             await self.save_origin(origin)
+        merging = meta.get("merging")
+        if merging:
+            snap = next((s for s in origin.snapshots if s.snap_name == merging), None)
+            if snap is None or not snap.valid:
+                log.error("origin %s: merging snapshot %s is missing or invalid; merge abandoned", name, merging)
+            else:
+                # Restart after a crash or unmount: the origin reads as the
+                # snapshot again and the merge resumes from the log's end.
+                log.info("origin %s: resuming merge of %s", name, snap.name)
+                await self._handover_to_merge(origin, snap, meta.get("merge_total", len(snap.complete)))
 
     async def close(self) -> None:
         """Drain every device and close every store and file."""
@@ -217,10 +228,11 @@ class Pool:
         return [self._origins[n] for n in sorted(self._origins)]
 
     def volumes(self) -> list[Volume]:
+        """Every listed volume; a merging snapshot is not listed (it became the origin)."""
         out: list[Volume] = []
         for o in self.origins():
             out.append(o)
-            out.extend(sorted(o.snapshots, key=lambda s: s.snap_name))
+            out.extend(sorted((s for s in o.snapshots if not s.merging), key=lambda s: s.snap_name))
         return out
 
     def lookup(self, filename: str) -> Volume | None:
@@ -232,7 +244,7 @@ class Pool:
         if o is None or not sname:
             return o if not sname else None
         for s in o.snapshots:
-            if s.snap_name == sname:
+            if s.snap_name == sname and not s.merging:
                 return s
         return None
 
@@ -244,6 +256,8 @@ class Pool:
             "backing": origin.backing,
             "copy_throttle": origin.kcopyd.throttle_percent,
             "cow_threshold": origin.kcopyd.cow_threshold,
+            "merging": origin.merge.snap.snap_name if origin.merge else None,
+            "merge_total": origin.merge.total if origin.merge else 0,
             "snapshots": {
                 s.snap_name: {
                     "size": s.size, "store": s.config.store, "readonly": s.readonly,
@@ -371,6 +385,9 @@ class Pool:
                 raise DmError(errno.EEXIST, f"{origin.name}@{spec.name}.img already exists")
             if origin.size == 0:
                 raise DmError(errno.EINVAL, f"{origin.filename} is empty; give it a size first")
+            if origin.merge is not None:
+                raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
+                              "snapshots of a merging origin are not supported")
             cow_size = spec.cow_size if spec.cow_size is not None else self._default_cow_size(origin, spec.chunk_size)
             base = self._store_base(origin.name, spec.name)
             for ext in (".cow", ".log"):  # leftovers of a crash mid-create
@@ -440,30 +457,48 @@ class Pool:
                         pass
         log.info("deleted snapshot %s", snap.name)
 
+    async def _handover(self, snap: Snapshot, change) -> None:
+        """Run `change()` (sync or async) with the origin (or its merge
+        target) and the snapshot suspended: the live exception-store
+        handover of dm (C-handover, C-susp-origin, C-susp-merge).
+
+        Suspending the origin drains origin writes (and stops a merge), so
+        no pending exception of this snapshot is in flight across the swap:
+        no copy or commit can land in the store the old table was using
+        while the new table takes over.  The caller holds config_lock.
+        """
+        origin = snap.origin
+        await origin.device.suspend(flush=False)
+        try:
+            await snap.device.suspend(flush=False)
+            try:
+                if snap.pending:
+                    raise RuntimeError(f"{snap.name}: pending exceptions across a handover: {list(snap.pending.values())[:3]}")
+                r = change()
+                if hasattr(r, "__await__"):
+                    await r
+            finally:
+                snap.device.resume()
+        finally:
+            origin.device.resume()
+
     async def set_readonly(self, snap: Snapshot, readonly: bool) -> None:
-        """Load a read-only (or writable) snapshot table: a handover of the
-        exception store to a new target instance, with the origin and the
-        snapshot suspended so no pending exception spans the swap."""
+        """Load a read-only (or writable) snapshot table, handing the
+        exception store over to the new target instance."""
         if snap.readonly == readonly:
             return
-        from .snapshot import SnapshotTarget
         origin = snap.origin
         async with origin.config_lock:
-            await origin.device.suspend(flush=False)
-            try:
-                await snap.device.suspend(flush=False)
+            old = snap.device.table
+
+            async def change():
+                snap.device.swap_table(SnapshotTarget(snap, readonly=readonly))
                 try:
-                    old = snap.device.table
-                    snap.device.swap_table(SnapshotTarget(snap, readonly=readonly))
-                    try:
-                        await self.save_origin(origin)
-                    except BaseException:
-                        snap.device.swap_table(old)
-                        raise
-                finally:
-                    snap.device.resume()
-            finally:
-                origin.device.resume()
+                    await self.save_origin(origin)
+                except BaseException:
+                    snap.device.swap_table(old)
+                    raise
+            await self._handover(snap, change)
         snap.mtime_ns = time.time_ns()
         log.info("snapshot %s is now %s", snap.name, "read-only" if readonly else "writable")
 
@@ -479,13 +514,100 @@ class Pool:
             raise DmError(errno.EINVAL, f"cow_size {nbytes} is not a multiple of {SECTOR}")
         origin = snap.origin
         async with origin.config_lock:
+            old = snap.device.table
+
+            async def change():
+                # A reload with a bigger COW device, as lvextend does.
+                await snap.store.set_cow_size(nbytes)
+                snap.device.swap_table(SnapshotTarget(snap, readonly=old.readonly))
+            await self._handover(snap, change)
+        log.info("snapshot %s: cow_size is now %d", snap.name, nbytes)
+
+    # -- merge ---------------------------------------------------------------------
+
+    async def start_merge(self, snap: Snapshot) -> Merge:
+        """Roll `snap`'s origin back to it: from the return on, the origin
+        reads as the snapshot, which leaves the listing; the copying runs
+        in the background.
+
+        Raises:
+          DmError(EBUSY): a merge of this origin runs, or the snapshot is open.
+          DmError(EINVAL): the snapshot is invalid or transient.
+        """
+        origin = snap.origin
+        async with origin.config_lock:
+            if snap not in origin.snapshots or snap.merging:
+                raise DmError(errno.ENOENT, f"{snap.filename} is gone")
+            if origin.merge is not None:
+                raise DmError(errno.EBUSY, f"{origin.filename} is already merging {origin.merge.snap.filename}")
+            if not snap.valid or snap.store is None:
+                raise DmError(errno.EINVAL, f"{snap.filename} is invalid: can't merge")
+            if snap.config.store == "N":
+                raise DmError(errno.EINVAL, f"{snap.filename} has a transient store, which cannot merge")
+            if snap.open_count:
+                raise DmError(errno.EBUSY, f"{snap.filename} is open; close it first")
+            await self._handover_to_merge(origin, snap, len(snap.complete), save=True)
+        log.info("merging %s into %s (%d chunks)", snap.name, origin.name, origin.merge.total)
+        return origin.merge
+
+    async def _handover_to_merge(self, origin: Origin, snap: Snapshot, total: int, save: bool = False) -> None:
+        merge = Merge(self, origin, snap, total)
+
+        async def change():
+            snap.merging = True
+            origin.merge = merge
+            origin.device.swap_table(MergeTarget(merge))
+            if save:
+                try:
+                    await self.save_origin(origin)
+                except BaseException:
+                    snap.merging = False
+                    origin.merge = None
+                    origin.device.swap_table(OriginTarget(origin))
+                    raise
+        # Resuming the origin device starts the merge (MergeTarget.resume).
+        await self._handover(snap, change)
+        snap.mtime_ns = origin.mtime_ns = time.time_ns()
+
+    async def finish_merge(self, origin: Origin) -> None:
+        """The merge copied everything: drop the snapshot, plain origin table."""
+        async with origin.config_lock:
+            merge = origin.merge
+            if merge is None or merge.state != "done":
+                return
+            snap = merge.snap
             await origin.device.suspend(flush=False)
             try:
+                origin.device.swap_table(OriginTarget(origin))
+                origin.merge = None
+                origin.unregister(snap)
+                await self.save_origin(origin)
                 await snap.device.suspend(flush=False)
-                try:
-                    await snap.store.set_cow_size(nbytes)
-                finally:
-                    snap.device.resume()
+                await snap.store.destroy()
             finally:
                 origin.device.resume()
-        log.info("snapshot %s: cow_size is now %d", snap.name, nbytes)
+        log.info("merge into %s finished; %s removed", origin.name, snap.name)
+
+    async def set_merge(self, volume: Volume, command: str) -> None:
+        """`user.dmfs.merge`: "start" on a snapshot starts a merge; "stop" /
+        "start" on the origin pause and resume it.
+
+        Raises:
+          DmError(EINVAL): an unknown command or no merge to act on.
+        """
+        if command not in ("start", "stop"):
+            raise DmError(errno.EINVAL, f"user.dmfs.merge takes start or stop, not {command!r}")
+        if volume.is_snapshot:
+            if command != "start":
+                raise DmError(errno.EINVAL, "a merge is stopped on the origin, not the snapshot")
+            await self.start_merge(volume)
+            return
+        merge = volume.merge
+        if merge is None:
+            raise DmError(errno.EINVAL, f"{volume.filename} has no merge to {command}")
+        if command == "stop":
+            await merge.stop(pause=True)
+            log.info("merge into %s paused at %s", volume.name, merge.describe())
+        else:
+            merge.start()
+            log.info("merge into %s resumed", volume.name)

@@ -373,6 +373,9 @@ class SnapshotTarget(Target):
         s = self.snap
         if not s.valid:
             raise SnapshotInvalid(f"{s.filename} is invalid ({s.invalid_reason})")
+        if s.merging:
+            # Handed over to the origin's snapshot-merge table.
+            raise DmError(errno.EIO, f"{s.filename} is being merged into {s.origin.filename}")
         if req.op is Op.READ:
             return self._map_read(req)
         if self.readonly:
@@ -533,6 +536,7 @@ class Origin(Volume):
         self.snapshots: list[Snapshot] = []
         self.kcopyd = KcopydClient()
         self.config_lock = trio.Lock()
+        self.merge = None  # dmfs.merge.Merge while a snapshot merges into this origin
         self.device = MappedDevice(name, OriginTarget(self))
 
     def register(self, snap: Snapshot) -> None:
@@ -630,10 +634,16 @@ class Origin(Volume):
 
     # -- reporting -------------------------------------------------------------
 
+    def merge_state(self) -> str:
+        """The value of user.dmfs.merge: none, merging D/T, paused D/T, failed: why."""
+        return self.merge.describe() if self.merge is not None else "none"
+
     def info(self) -> dict:
         return {
             "name": self.name, "file": self.filename, "origin": "", "size": self.size,
-            "chunk_size": None, "data_percent": None, "state": "active",
+            "chunk_size": None, "data_percent": None,
+            "state": "active" if self.merge is None else self.merge.describe(),
+            "merge": self.merge_state(),
             "snapshots": [s.snap_name for s in self.snapshots],
             "backing": self.backing, "readonly": False,
             "copy_throttle": self.kcopyd.throttle_percent,

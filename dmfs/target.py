@@ -35,8 +35,8 @@ class Target:
     async def presuspend(self) -> None:
         """Called when the device stops admitting requests."""
 
-    async def resume(self) -> None:
-        """Called when the device admits requests again."""
+    def resume(self) -> None:
+        """Called when the device admits requests again (must not block)."""
 
     def status(self) -> str:
         """STATUSTYPE_INFO parameters, as `dmsetup status` prints them."""

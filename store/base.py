@@ -127,6 +127,28 @@ class ExceptionStore(abc.ABC):
           DmError(EIO): the store could not be written; it is then invalid.
         """
 
+    # -- merge -----------------------------------------------------------
+
+    def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
+        """The last committed run (at most `max_chunks` chunks of it), or None.
+
+        Merging runs from the end of the log backwards, so a run is always
+        taken off the end (dm's prepare_merge).
+
+        Raises:
+          DmError(EINVAL): this store cannot merge (transient).
+        """
+        import errno
+        from dmfs.errors import DmError
+        raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
+
+    async def commit_merge(self, run: ExceptionRun) -> None:
+        """Durably forget `run`, whose data the caller copied into the origin
+        and flushed there first."""
+        import errno
+        from dmfs.errors import DmError
+        raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
+
     # -- state -----------------------------------------------------------
 
     @abc.abstractmethod

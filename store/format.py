@@ -48,7 +48,7 @@ STORE_TYPES = ("P", "PO")
 
 REC_EXCEPTIONS = "e"
 REC_STATE = "s"
-REC_MERGE = "m"   # reserved for merge progress; not written in version 1
+REC_MERGE = "m"   # merge progress: these exceptions were merged into the origin
 
 
 class FormatError(ValueError):
@@ -207,6 +207,12 @@ def exception_record(seq: int, runs: Iterable[ExceptionRun]) -> dict:
             "x": [[r.old, r.new, r.count] for r in runs]}
 
 
+def merge_record(seq: int, runs: Iterable[ExceptionRun]) -> dict:
+    """The exceptions in `runs` were copied back to the origin and are gone."""
+    return {"seq": seq, "t": REC_MERGE,
+            "x": [[r.old, r.new, r.count] for r in runs]}
+
+
 def state_record(seq: int, *, valid: bool, overflow: bool, cow_size: int) -> dict:
     return {"seq": seq, "t": REC_STATE, "valid": valid, "overflow": overflow,
             "cow_size": cow_size}
@@ -238,7 +244,7 @@ def decode_record(body: Any) -> Record:
         raise FormatError("record is not a map with seq and t")
     kind = body["t"]
     fields = {k: v for k, v in body.items() if k not in ("seq", "t", "x")}
-    if kind == REC_EXCEPTIONS:
+    if kind in (REC_EXCEPTIONS, REC_MERGE):
         x = body.get("x")
         if not isinstance(x, list):
             raise FormatError("exception record without x list")

@@ -75,6 +75,28 @@ def append_run(runs: list[ExceptionRun], r: ExceptionRun) -> None:
     runs.append(r)
 
 
+def remove_run(runs: list[ExceptionRun], r: ExceptionRun) -> None:
+    """Take `r` out of `runs` (it must lie inside one run; merges take
+    runs off the end, so search from there).
+
+    Raises:
+      ValueError: `r` is not exactly mapped by one of `runs`.
+    """
+    for i in range(len(runs) - 1, -1, -1):
+        cur = runs[i]
+        if cur.old <= r.old and r.old + r.count <= cur.old + cur.count \
+                and cur.new + (r.old - cur.old) == r.new:
+            pieces = []
+            if cur.old < r.old:
+                pieces.append(ExceptionRun(cur.old, cur.new, r.old - cur.old))
+            tail = cur.old + cur.count - (r.old + r.count)
+            if tail:
+                pieces.append(ExceptionRun(r.old + r.count, r.new + r.count, tail))
+            runs[i:i + 1] = pieces
+            return
+    raise ValueError(f"{r} is not a committed exception")
+
+
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """os.pwrite until everything is written (pwrite may write less)."""
     view = memoryview(data)
@@ -177,6 +199,20 @@ class ChunkAllocator:
             start = self.free[i][0]
             del self.free[i]
         self.free.insert(i, (start, end - start))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Lower next_free over free runs at the top (a merge gives chunks
+        back from the end), so usage reads as if never allocated."""
+        while self.free:
+            start, count = self.free[-1]
+            end, nf = start + count, self.next_free
+            # next_free may sit just past a skipped metadata chunk
+            if end == nf or (self.stride and end == nf - 1 and self.is_metadata(end)):
+                del self.free[-1]
+                self.next_free = start
+            else:
+                break
 
     def _metadata_in(self, start: int, end: int) -> Iterable[int]:
         """The metadata chunks in [start, end)."""
@@ -427,6 +463,14 @@ class PersistentStore(ExceptionStore):
                     append_run(self._runs, r)
                     used.append((r.new, r.count))
                     self._committed_chunks += r.count
+            elif rec.kind == fmt.REC_MERGE:
+                for r in rec.runs:
+                    try:
+                        remove_run(self._runs, r)
+                    except ValueError as e:
+                        raise DmError(errno.EIO, f"corrupt log {self.log_path}: record "
+                                      f"{rec.seq}: {e}") from None
+                    self._committed_chunks -= r.count
             elif rec.kind == fmt.REC_STATE:
                 # not written by version 1 writers; honoured if present
                 self.valid = rec.fields.get("valid", self.valid)
@@ -435,6 +479,7 @@ class PersistentStore(ExceptionStore):
             else:
                 raise DmError(errno.EIO, f"{self.log_path}: record {rec.seq} has "
                               f"unsupported type {rec.kind!r}")
+        used = [(r.new, r.count) for r in self._runs]
         try:
             self._alloc.rebuild(used)
         except ValueError as e:
@@ -618,6 +663,52 @@ class PersistentStore(ExceptionStore):
                 await self._commit_finished.wait()
             else:
                 await self._lead(self._pending)
+
+    # -- merge -----------------------------------------------------------
+
+    def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
+        """The last committed exceptions, as one run of at most `max_chunks`
+        consecutive chunks (persistent_prepare_merge), or None when empty."""
+        self._check_open()
+        if not self._runs:
+            return None
+        last = self._runs[-1]
+        n = min(last.count, max_chunks)
+        return ExceptionRun(last.old + last.count - n, last.new + last.count - n, n)
+
+    async def commit_merge(self, run: ExceptionRun) -> None:
+        """Forget `run`: its data is in the origin (the caller flushed it).
+
+        Raises:
+          DmError(EIO): the record could not be written.
+          ValueError: `run` is not a committed exception.
+        """
+        self._check_open()
+        await self._drain()
+        runs = list(self._runs)
+        remove_run(runs, run)  # validate before writing anything
+        frame = fmt.encode_record(fmt.merge_record(self._seq + 1, [run]), self._seed)
+        log_fd, off = self.log_fd, self._log_end
+        if off < 0:
+            raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed commit")
+
+        def work() -> None:
+            pwrite_all(log_fd, frame, off)
+            os.fdatasync(log_fd)
+
+        async with self._header_lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(work)
+            except OSError as e:
+                self._log_end = -1
+                raise DmError(errno.EIO, f"merge commit to {self.log_path} failed: {e}") from None
+        self._log_end = off + len(frame)
+        self._seq += 1
+        self.records += 1
+        self._runs[:] = runs
+        self._committed_chunks -= run.count
+        self._alloc.release(run.new, run.count)
 
     # -- state -----------------------------------------------------------
 

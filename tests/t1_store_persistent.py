@@ -294,7 +294,7 @@ async def test_unknown_record_type_refuses_open(base):
     with open(base + ".log", "r+b") as f:
         hdr, _ = fmt.pick_header(f.read(fmt.HEADER_AREA))
         f.seek(fmt.LOG_START)
-        f.write(fmt.encode_record({"seq": 1, "t": "m", "merged": 3}, fmt.log_seed(hdr.uuid)))
+        f.write(fmt.encode_record({"seq": 1, "t": "z", "merged": 3}, fmt.log_seed(hdr.uuid)))
     with pytest.raises(DmError, match="unsupported type") as ei:
         await PersistentStore.open(base)
     assert ei.value.errno == errno.EIO

@@ -1,0 +1,136 @@
+"""The `dmfs` command: argument parsing and error reporting.
+
+Each subcommand lives in its own module (`dmfs.mount`, `dmfs.umount`,
+`dmfs.create`, `dmfs.status`) with a `run(args) -> int`; it is imported
+only when used, so `dmfs status` does not pay for pyfuse3 and trio.
+
+Errors end as one line ``dmfs: <reason>`` on stderr and exit code 1;
+tracebacks only with ``--debug``.  Ctrl-C exits 130 without a word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from . import __version__
+from .errors import DmError
+
+log = logging.getLogger(__name__)
+
+
+class QuietError(Exception):
+    """A user-facing failure: printed as one line, no traceback.
+
+    Args:
+      msg: the reason, without the ``dmfs:`` prefix.
+      exitcode: the process exit code (default 1).
+    """
+
+    def __init__(self, msg: str, exitcode: int = 1):
+        super().__init__(msg)
+        self.exitcode = exitcode
+
+
+COMMANDS = ("mount", "umount", "create", "status")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug works before and after the subcommand; SUPPRESS keeps the
+    # subparser's default from overwriting a global --debug.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="log debug messages; show tracebacks on errors")
+
+    p = argparse.ArgumentParser(
+        prog="dmfs", parents=[common],
+        description="device-mapper snapshots as a FUSE filesystem")
+    p.add_argument("--version", action="version", version=f"dmfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    m = sub.add_parser("mount", parents=[common], help="mount a pool (created if missing)",
+                       description="Mount POOL at MNT; daemonizes once the mount is live.")
+    m.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="mount options: allow_other, allow_root, debug")
+    m.add_argument("pool", metavar="POOL", help="pool directory")
+    m.add_argument("mountpoint", metavar="MNT", help="an existing empty directory")
+
+    u = sub.add_parser("umount", parents=[common], help="unmount and wait for the daemon",
+                       description="Unmount MNT (refused while loop devices use its files) "
+                       "and wait until the daemon has closed the pool.")
+    u.add_argument("mountpoint", metavar="MNT")
+
+    c = sub.add_parser("create", parents=[common], help="create an origin in an unmounted pool",
+                       description="Create origin NAME in POOL (offline).")
+    c.add_argument("pool", metavar="POOL")
+    c.add_argument("name", metavar="NAME", help="volume name; the file becomes NAME.img")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size", help="size of a new empty volume (e.g. 10G)")
+    g.add_argument("--backing", metavar="PATH",
+                   help="adopt an existing image file or block device in place")
+
+    s = sub.add_parser("status", parents=[common], help="show volumes like lvs",
+                       description="Show every volume of the mount at MNT.")
+    s.add_argument("mountpoint", metavar="MNT")
+    return p
+
+
+def leaf_exception(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) exception groups, if only one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user, from an exception of a subcommand."""
+    exc = leaf_exception(exc)
+    if isinstance(exc, (QuietError, DmError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        if exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror or exc}"
+        return exc.strerror or str(exc)
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dmfs` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "debug"):
+        args.debug = False
+    # Commands other than mount (which sets up its own) show warnings of
+    # the modules they use as "dmfs: WARNING: ..." lines.
+    logging.basicConfig(stream=sys.stderr, format="dmfs: %(levelname)s: %(message)s",
+                        level=logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        module = importlib.import_module(f"dmfs.{args.command}")
+        return module.run(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # noqa: B036 -- re-raised unless it is ours to report
+        leaf = leaf_exception(e)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        if isinstance(leaf, SystemExit):
+            raise leaf
+        if not isinstance(leaf, Exception):
+            raise
+        expected = isinstance(leaf, (QuietError, DmError, OSError))
+        if args.debug:
+            traceback.print_exception(e)
+        msg = describe_error(leaf)
+        if not expected and not args.debug:
+            # A bug: still one line, but say how to see where it happened.
+            msg += " (run with --debug for a traceback)"
+        print(f"dmfs: {msg}", file=sys.stderr)
+        return getattr(leaf, "exitcode", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`dmfs status MNT`: one line per volume, like `lvs`.
+
+Reads ``user.dmfs.info`` (JSON of `Volume.info()`) of every ``*.img`` in
+the mount, in listing order (origins each followed by their snapshots).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from .cli import QuietError
+
+COLUMNS = ("LV", "Origin", "LSize", "Chunk", "Data%", "State")
+RIGHT_ALIGNED = frozenset(("LSize", "Chunk", "Data%"))
+_UNITS = "bkmgtpe"
+
+
+def human_size(n: int | None) -> str:
+    """Bytes the way `lvs` shows them: ``1.00g``, ``4.00k``, ``512.00b``."""
+    if n is None:
+        return ""
+    if n == 0:
+        return "0"
+    value, unit = float(n), 0
+    while value >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    return f"{value:.2f}{_UNITS[unit]}"
+
+
+def _row(info: dict) -> dict:
+    pct = info.get("data_percent")
+    origin = info.get("origin")
+    if origin and origin.endswith(".img"):
+        origin = origin[:-4]
+    return {
+        "LV": str(info.get("name", "?")),
+        "Origin": origin or "",
+        "LSize": human_size(info.get("size")),
+        "Chunk": human_size(info.get("chunk_size")),
+        "Data%": "" if pct is None else f"{pct:.2f}",
+        "State": str(info.get("state", "")),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in COLUMNS}
+
+    def line(cells: dict) -> str:
+        parts = [cells[c].rjust(widths[c]) if c in RIGHT_ALIGNED else cells[c].ljust(widths[c])
+                 for c in COLUMNS]
+        return "  " + " ".join(parts).rstrip()
+
+    return "\n".join([line({c: c for c in COLUMNS})] + [line(r) for r in rows])
+
+
+def collect(mnt: str) -> list[dict]:
+    try:
+        names = os.listdir(mnt)
+    except OSError as e:
+        raise QuietError(f"{mnt}: {e.strerror}") from None
+    rows = []
+    for name in names:
+        if not name.endswith(".img"):
+            continue
+        try:
+            raw = os.getxattr(os.path.join(mnt, name), "user.dmfs.info")
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                raise QuietError(f"{mnt} is not a dmfs mount") from None
+            if e.errno == errno.ENOENT:
+                continue  # deleted while we listed
+            raise QuietError(f"{os.path.join(mnt, name)}: {e.strerror}") from None
+        rows.append(_row(json.loads(raw)))
+    return rows
+
+
+def run(args) -> int:
+    from .umount import FSTYPE, mount_type
+
+    mnt = args.mountpoint
+    if not os.path.isdir(mnt):
+        raise QuietError(f"{mnt} is not a directory")
+    if mount_type(mnt) != FSTYPE:
+        raise QuietError(f"{mnt} is not a dmfs mount")
+    print(format_table(collect(mnt)))
+    return 0

@@ -35,7 +35,7 @@ class QuietError(Exception):
         self.exitcode = exitcode
 
 
-COMMANDS = ("mount", "umount", "create", "status")
+COMMANDS = ("mount", "umount", "create", "status", "merge", "check")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", parents=[common], help="show volumes like lvs",
                        description="Show every volume of the mount at MNT.")
     s.add_argument("mountpoint", metavar="MNT")
+
+    mg = sub.add_parser("merge", parents=[common], help="merge a snapshot back into its origin",
+                        description="Roll the origin back to SNAPSHOT (MNT/NAME@SNAP.img): the origin "
+                        "reads as the snapshot at once, the copying runs in the background.")
+    mg.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot file, e.g. mnt/vm@s1.img")
+    mg.add_argument("--wait", action="store_true",
+                    help="wait for the merge to finish, showing progress, rate and ETA")
+
+    ck = sub.add_parser("check", parents=[common], help="check an unmounted pool, like fsck",
+                        description="Check every store of POOL offline; exit code 0 only when consistent.")
+    ck.add_argument("pool", metavar="POOL")
+    ck.add_argument("--repair", action="store_true", help="cut torn log tails")
     return p
 
 

@@ -42,19 +42,20 @@ XA_COW_THRESHOLD = b"user.dmfs.cow_threshold"  # origin
 XA_CHUNK_SIZE = b"user.dmfs.chunk_size"      # snapshot
 XA_COW_SIZE = b"user.dmfs.cow_size"          # snapshot, get and set
 XA_ORIGIN = b"user.dmfs.origin"              # snapshot
+XA_MERGE = b"user.dmfs.merge"                # snapshot: set start; origin: get state, set stop|start
 
 # Attributes of the mount root.
 XA_PID = b"user.dmfs.pid"
 XA_POOL = b"user.dmfs.pool"
 
 # What `listxattr` shows, i.e. what `getfattr -d -m user.dmfs` prints.
-ORIGIN_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_COPY_THROTTLE, XA_COW_THRESHOLD)
+ORIGIN_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_COPY_THROTTLE, XA_COW_THRESHOLD, XA_MERGE)
 SNAPSHOT_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_CHUNK_SIZE, XA_COW_SIZE, XA_ORIGIN)
 ROOT_GETTABLE = (XA_PID, XA_POOL)
 
 # Every name this version knows, so that setting a known get-only one
 # says "read-only" (EINVAL) rather than "unknown" (ENODATA).
-_KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE + (XA_SNAPSHOT,))
+_KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE + (XA_SNAPSHOT, XA_MERGE))
 
 # Volume names.  `@` separates origin and snapshot in file names, so it is
 # reserved.  The length cap keeps "NAME@SNAP.img" below NAME_MAX (255).
@@ -251,6 +252,8 @@ def get_xattr(pool, volume, name: bytes) -> bytes:
             return _ascii(volume.origin.filename)
     elif name in (XA_COPY_THROTTLE, XA_COW_THRESHOLD):
         return _ascii(volume.get_attr(_attr_key(name)))
+    elif name == XA_MERGE:
+        return _ascii(volume.merge_state())
     raise _unknown(name)
 
 
@@ -267,6 +270,10 @@ async def set_xattr(pool, volume, name: bytes, value: bytes) -> None:
         raise DmError(errno.ENOTSUP, f"{name.decode('ascii', 'backslashreplace')}: "
                       "dmfs volumes only have user.dmfs.* attributes")
     sname = name.decode("ascii", "backslashreplace")
+    if name == XA_MERGE:
+        # Returns promptly: the merge itself runs in the background.
+        await pool.set_merge(volume, _text(value, sname).strip())
+        return
     if volume.is_snapshot:
         if name == XA_COW_SIZE:
             nbytes = parse_size(value)

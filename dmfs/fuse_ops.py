@@ -26,6 +26,7 @@ import stat
 import time
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from . import control
@@ -424,8 +425,24 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if inode == ROOT_INODE:
             await control.set_root_xattr(self.pool, name, value)
-        else:
-            await control.set_xattr(self.pool, self._volume(inode), name, value)
+            return
+        vol = self._volume(inode)
+        await control.set_xattr(self.pool, vol, name, value)
+        if name == control.XA_MERGE and vol.is_snapshot:
+            # The origin's content just changed under the kernel: drop its
+            # cached pages and the snapshot's name (the merge took it).
+            self.pool.nursery.start_soon(self._invalidate_after_merge, vol.origin.filename, vol.filename)
+
+    async def _invalidate_after_merge(self, origin_name: str, snap_name: str) -> None:
+        # Not awaited by setxattr: these calls block in the kernel, and the
+        # kernel holds the snapshot's inode lock until setxattr returns.
+        ino = self._ino_by_name.get(origin_name)
+        try:
+            if ino is not None:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+            pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(snap_name))
+        except Exception as e:  # the mount may be going away
+            log.debug("invalidation after merge start failed: %s", e)
 
     @_handler
     async def listxattr(self, inode, ctx):

@@ -1,280 +1,92 @@
-"""snapshot-merge: roll an origin back to a snapshot while it stays in use.
+"""`dmfs merge MNT/NAME@SNAP.img [--wait]`: roll an origin back to a snapshot.
 
-When a merge starts, the origin device's table becomes a `MergeTarget`
-(handed the snapshot's exception store with the origin suspended).  From
-that moment the origin reads as the snapshot did: a chunk the snapshot
-still has an exception for is read from the COW store, every other chunk
-from the origin.  In the background, `Merge.run` copies the exceptions
-back into the origin, from the end of the log, one run of consecutive
-chunks per kcopyd job (dm's snapshot_merge_next_chunks / merge_callback):
-
-1. every *other* snapshot of the origin first gets its copy of the origin
-   chunks about to be overwritten (origin_write_extent);
-2. writes to the run are queued from here on, and writes already in
-   flight to its COW chunks are drained (they were tracked);
-3. kcopyd copies COW -> origin;
-4. the origin is flushed, and only then does the store record the run
-   as merged (the other order lost data in the kernel);
-5. the exceptions leave the in-memory table and the queued writes go on.
-
-When no exception is left the snapshot is gone and the origin gets its
-plain snapshot-origin table back.
+Sets ``user.dmfs.merge=start`` on the snapshot (the origin reads as the
+snapshot from then on) and, with ``--wait``, follows ``user.dmfs.merge``
+on the origin until the merge is done, with a progress bar, rate and ETA.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import os
-from typing import TYPE_CHECKING
+import sys
+import time
 
-import trio
+from .cli import QuietError
 
-from kcopyd import Region
-
-from .errors import DmError
-from .request import Op, Request
-from .snapshot import Origin, Snapshot, _TrackedChunks
-from .target import Target
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pool import Pool
-
-log = logging.getLogger(__name__)
-
-# One merge job copies at most this much (kcopyd splits it into sub-jobs).
-MERGE_JOB_BYTES = 4 << 20
+POLL_SECONDS = 0.5
 
 
-class Merge:
-    """The state of one running (or paused, or failed) merge.
+def parse_progress(value: str) -> tuple[str, int, int, str]:
+    """("merging"|"paused"|"none"|"failed", done, total, reason) from user.dmfs.merge."""
+    if value.startswith("failed:"):
+        return "failed", 0, 0, value[len("failed:"):].strip()
+    state, _, frac = value.partition(" ")
+    done, _, total = frac.partition("/")
+    try:
+        return state, int(done or 0), int(total or 0), ""
+    except ValueError:
+        return state, 0, 0, ""
 
-    Invariants:
-      * `merging` is the (old, count) run being copied, or None; writes to
-        it wait on `_progress`;
-      * `done` + chunks left in `snap.complete` == `total`;
-      * at most one `run()` loop is active (`_running`).
-    """
 
-    def __init__(self, pool: Pool, origin: Origin, snap: Snapshot, total: int):
-        self.pool = pool
-        self.origin = origin
-        self.snap = snap
-        self.total = total
-        self.state = "merging"          # merging | paused | failed | done
-        self.reason = ""
-        self.merging: tuple[int, int] | None = None
-        self.tracked_writes = _TrackedChunks()
-        self._progress = trio.Event()
-        self._running: trio.Event | None = None  # set when the loop exits
-        self._stop = False
-        self.started = trio.current_time()
-        self.bytes_merged = 0
+def progress_line(done: int, total: int, chunk_size: int, rate: float, state: str, width: int = 30) -> str:
+    """`[#####.....]  45.0%  3/7 MiB  12.3 MB/s  ETA 0:12` (or `paused`)."""
+    frac = done / total if total else 1.0
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    mib = 1 << 20
+    text = f"[{bar}] {100 * frac:5.1f}%  {done * chunk_size / mib:.1f}/{total * chunk_size / mib:.1f} MiB"
+    if state == "paused":
+        return text + "  paused"
+    text += f"  {rate / 1e6:.1f} MB/s"
+    if rate > 0 and total > done:
+        eta = int((total - done) * chunk_size / rate)
+        text += f"  ETA {eta // 60}:{eta % 60:02d}"
+    return text
 
-    @property
-    def done(self) -> int:
-        return self.total - len(self.snap.complete)
 
-    def describe(self) -> str:
-        """The value of user.dmfs.merge on the origin."""
-        if self.state == "failed":
-            return f"failed: {self.reason}"
-        return f"{self.state} {self.done}/{self.total}"
-
-    # -- control ---------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start (or resume) the background loop."""
-        if self.state in ("failed", "paused"):
-            self.state = "merging"
-            self.reason = ""
-        if self._running is not None or self.state != "merging":
-            return
-        self._stop = False
-        self._running = trio.Event()
-        self.origin.nursery.start_soon(self.run)
-
-    async def stop(self, pause: bool = False) -> None:
-        """Stop the loop after the run in progress (dm's stop_merge)."""
-        if pause and self.state == "merging":
-            self.state = "paused"
-        self._stop = True
-        if self._running is not None:
-            await self._running.wait()
-
-    def _wake(self) -> None:
-        ev, self._progress = self._progress, trio.Event()
-        ev.set()
-
-    def is_merging(self, start: int, count: int) -> bool:
-        """Do chunks [start, start+count) overlap the run being merged?"""
-        if self.merging is None:
-            return False
-        m0, n = self.merging
-        return m0 < start + count and start < m0 + n
-
-    async def wait_progress(self) -> None:
-        await self._progress.wait()
-
-    # -- the loop ------------------------------------------------------------------
-
-    async def run(self) -> None:
+def run(args) -> int:
+    path = args.snapshot
+    base = os.path.basename(path)
+    if "@" not in base or not base.endswith(".img"):
+        raise QuietError(f"{path} is not a snapshot file (NAME@SNAP.img)")
+    origin = os.path.join(os.path.dirname(path), base.split("@", 1)[0] + ".img")
+    try:
+        chunk_size = int(os.getxattr(path, "user.dmfs.chunk_size"))
+        os.setxattr(path, "user.dmfs.merge", b"start")
+    except OSError as e:
+        raise QuietError(f"cannot merge {path}: {os.strerror(e.errno)}"
+                         " (see the dmfs log for why)") from None
+    if not args.wait:
+        print(f"merging {base} into {os.path.basename(origin)}; "
+              f"follow it with: getfattr -n user.dmfs.merge {origin}")
+        return 0
+    tty = sys.stdout.isatty()
+    last_print = 0.0
+    samples: list[tuple[float, int]] = []
+    while True:
         try:
-            while not self._stop and self.state == "merging":
-                if not await self._merge_one():
-                    break
-        except Exception as e:  # a bug must not kill the daemon or hang writers
-            log.exception("merge of %s failed", self.snap.name)
-            self._fail(f"internal error: {e}")
-        finally:
-            self.merging = None
-            self._wake()
-            ev, self._running = self._running, None
-            if ev is not None:
-                ev.set()
-
-    def _fail(self, reason: str) -> None:
-        log.error("merge of %s into %s: %s; shutting down merge", self.snap.name, self.origin.name, reason)
-        self.state = "failed"
-        self.reason = reason
-
-    async def _merge_one(self) -> bool:
-        """Merge one run; False when there is nothing left or it failed."""
-        s, o = self.snap, self.origin
-        cs = s.chunk_size
-        if not s.valid:
-            self._fail("snapshot is invalid: can't merge")
-            return False
-        try:
-            run = s.store.prepare_merge(max(1, MERGE_JOB_BYTES // cs))
-        except DmError as e:
-            self._fail(str(e))
-            return False
-        if run is None:
-            self.state = "done"
-            log.info("merge of %s into %s complete", s.name, o.name)
-            o.nursery.start_soon(self.pool.finish_merge, o)
-            return False
-        lo = run.old * cs
-        length = s.chunk_bytes(run.old, run.count)
-        # 1. Keep the other snapshots valid: they get the origin data first.
-        while True:
-            waits = o.start_cow(lo, lo + length)
-            if not waits:
-                break
-            for pe in waits:
-                await pe.wait()
-        # 2. Queue new writes to the run; drain the ones in flight.
-        self.merging = (run.old, run.count)
-        await self.tracked_writes.wait_clear(run.old, run.count)
-        # 3. Copy the COW chunks back.
-        res = await o.kcopyd.copy(Region(s.store.cow_fd, run.new * cs, length),
-                                  [Region(o.fd, lo, length)], chunks=run.count)
-        if not res.ok:
-            err = res.read_error or next(iter(res.write_errors.values()))
-            self._fail(f"{'read' if res.read_error else 'write'} error: {os.strerror(err)}")
-            return False
-        # 4. Merged data durable in the origin before the store forgets it.
-        try:
-            await trio.to_thread.run_sync(os.fdatasync, o.fd)
+            value = os.getxattr(origin, "user.dmfs.merge").decode()
         except OSError as e:
-            self._fail(f"flush after merge failed: {e.strerror}")
-            return False
-        try:
-            await s.store.commit_merge(run)
-        except DmError as e:
-            self._fail(f"write error in exception store: {e}")
-            return False
-        # 5. Forget the exceptions, let the queued writes go to the origin.
-        s.complete.remove(run.old, run.count)
-        self.bytes_merged += length
-        self.merging = None
-        self._wake()
-        return True
-
-
-class MergeTarget(Target):
-    """The `snapshot-merge` target: the origin's table during a merge."""
-
-    name = "snapshot-merge"
-
-    def __init__(self, merge: Merge):
-        self.merge = merge
-
-    @property
-    def snap(self) -> Snapshot:
-        return self.merge.snap
-
-    def status(self) -> str:
-        s = self.snap
-        if not s.valid:
-            return "Invalid"
-        if self.merge.state == "failed":
-            return "Merge failed"
-        return s.store.status_params()
-
-    def table(self) -> str:
-        s = self.snap
-        return f"{self.merge.origin.path} {s.store.cow_path} {s.store.table_params()}"
-
-    async def flush(self) -> None:
-        # dm: two flush bios, one to the origin and one to the COW device.
-        await trio.to_thread.run_sync(os.fdatasync, self.merge.origin.fd)
-        await self.snap.store.flush()
-
-    async def presuspend(self) -> None:
-        await self.merge.stop()
-
-    def resume(self) -> None:
-        if self.merge.state == "merging":
-            self.merge.start()
-
-    async def map(self, req: Request) -> list[Request]:
-        s, o, m = self.snap, self.merge.origin, self.merge
-        cs = s.chunk_size
-        if req.op is Op.WRITE:
-            # Writes to chunks without an exception COW into the other
-            # snapshots first (do_origin), like any origin write.
-            c0, c1 = s.chunk_range(req.offset, req.end)
-            while True:
-                waits = o.start_cow(req.offset, req.end)
-                if waits:
-                    for pe in waits:
-                        await pe.wait()
-                elif c1 > c0 and m.is_merging(c0, c1 - c0):
-                    # Queued until the run is merged (bios_queued_during_merge).
-                    await m.wait_progress()
-                else:
-                    break
-        clones = []
-        tokens = []
-        c0, c1 = s.chunk_range(req.offset, req.end)
-        pos = req.offset
-        if c1 > c0:
-            for old, new, n in s.complete.lookup_range(c0, c1 - c0):
-                lo, hi = max(req.offset, old * cs), min(req.end, (old + n) * cs)
-                if new is None:
-                    clones.append(req.clone(lo, hi - lo).remap(o.fd, lo))
-                else:
-                    if req.op is Op.WRITE:
-                        tokens.append(m.tracked_writes.add(old, n))
-                    clones.append(req.clone(lo, hi - lo).remap(s.store.cow_fd, new * cs + lo - old * cs))
-                pos = hi
-        if pos < req.end:  # beyond the snapshot's size: plain origin
-            clones.append(req.clone(pos, req.end - pos).remap(o.fd, pos))
-        req.seal()
-        req.target_ctx = tokens
-        return clones
-
-    async def end_io(self, req: Request) -> None:
-        for token in req.target_ctx or ():
-            self.merge.tracked_writes.remove(token)
-
-
-async def wait_merge_done(merge: Merge, timeout: float | None = None) -> None:
-    """For tests: wait until `merge` is done (or failed)."""
-    with trio.fail_after(timeout) if timeout else trio.CancelScope():
-        while merge.state in ("merging",) or merge._running is not None:
-            await trio.sleep(0.01)
-    if merge.state == "failed":
-        raise DmError(errno.EIO, merge.describe())
+            raise QuietError(f"cannot read merge progress of {origin}: {os.strerror(e.errno)}") from None
+        state, done, total, reason = parse_progress(value)
+        if state == "failed":
+            if tty:
+                print()
+            raise QuietError(f"merge into {origin} failed: {reason}; "
+                             f"retry with: setfattr -n user.dmfs.merge -v start {origin}")
+        if state in ("none", "done"):
+            if tty:
+                print("\r" + progress_line(1, 1, chunk_size, 0, "done").split("  ")[0] + "  done" + " " * 20)
+            else:
+                print("merge complete")
+            return 0
+        now = time.monotonic()
+        samples = [(t, d) for t, d in samples if now - t < 10] + [(now, done)]
+        t0, d0 = samples[0]
+        rate = (done - d0) * chunk_size / (now - t0) if now > t0 else 0.0
+        line = progress_line(done, total, chunk_size, rate, state)
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif now - last_print >= 5:
+            print(line, flush=True)
+            last_print = now
+        time.sleep(POLL_SECONDS)

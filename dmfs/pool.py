@@ -32,7 +32,7 @@ from store.base import SECTOR
 from .control import SnapshotSpec
 from .device import run_io
 from .errors import DmError
-from .merge import Merge, MergeTarget
+from .snapshot_merge import Merge, MergeTarget
 from .snapshot import Origin, OriginTarget, Snapshot, SnapshotConfig, SnapshotTarget, Volume
 
 log = logging.getLogger(__name__)

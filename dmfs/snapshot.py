@@ -536,7 +536,7 @@ class Origin(Volume):
         self.snapshots: list[Snapshot] = []
         self.kcopyd = KcopydClient()
         self.config_lock = trio.Lock()
-        self.merge = None  # dmfs.merge.Merge while a snapshot merges into this origin
+        self.merge = None  # dmfs.snapshot_merge.Merge while a snapshot merges into this origin
         self.device = MappedDevice(name, OriginTarget(self))
 
     def register(self, snap: Snapshot) -> None:

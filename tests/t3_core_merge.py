@@ -9,7 +9,7 @@ import trio
 
 from dmfs.control import SnapshotSpec
 from dmfs.errors import DmError
-from dmfs.merge import wait_merge_done
+from dmfs.snapshot_merge import wait_merge_done
 from dmfs.pool import Pool
 
 MiB = 1 << 20

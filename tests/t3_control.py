@@ -128,6 +128,9 @@ class FakeOrigin:
     async def set_attr(self, name, value):
         self.attrs[name] = value
 
+    def merge_state(self):
+        return "none"
+
 
 class FakeSnapshot:
     is_snapshot = True

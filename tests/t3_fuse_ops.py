@@ -193,7 +193,7 @@ async def test_status_table_and_lists(ops):
             assert not (await ops.getxattr(ino, name, CTX)).endswith(b"\n")
     assert set(await ops.listxattr(a.st_ino, CTX)) == {
         b"user.dmfs.status", b"user.dmfs.table", b"user.dmfs.info",
-        b"user.dmfs.copy_throttle", b"user.dmfs.cow_threshold"}
+        b"user.dmfs.copy_throttle", b"user.dmfs.cow_threshold", b"user.dmfs.merge"}
     assert await ops.getxattr(ROOT_INODE, b"user.dmfs.pid", CTX) == str(os.getpid()).encode()
     assert await ops.getxattr(ROOT_INODE, b"user.dmfs.pool", CTX) == pool.encode()
     await ops.setxattr(sa.st_ino, b"user.dmfs.cow_size", b"128M", CTX)

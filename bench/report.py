@@ -1,0 +1,153 @@
+"""Results: medians, ratios to the passthrough, the table, the targets, JSON.
+
+The targets are those of issue 4 item 5, each checked on the medians of
+this run: PASS, FAIL, or n/a when a side of the comparison is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+
+from .workloads import Workload
+
+FLOOR = "passthrough"
+CBW = "qsd-cbw"
+
+
+@dataclass
+class Cell:
+    """What one system measured on one workload (all runs) or why it did not."""
+    values: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    note: str = ""          # "n/a: ..." or "error: ..."
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu) if self.cpu else None
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    workload: str
+    system: str
+    against: str
+    factor: float
+
+
+TARGETS = (
+    Target("COW first write >= 0.5 x passthrough", "seq-write-first", "dmfs", FLOOR, 0.5),
+    Target("COW first write >= 2 x copy-before-write", "seq-write-first", "dmfs", CBW, 2.0),
+    Target("rewrite >= 0.8 x passthrough", "seq-write-rewrite", "dmfs", FLOOR, 0.8),
+    Target("random 4 KiB COW write qd1 >= copy-before-write", "rand-write-first-qd1",
+           "dmfs", CBW, 1.0),
+    Target("snapshot seq read >= 0.5 x passthrough read", "snap-seq-read", "dmfs", FLOOR, 0.5),
+    Target("snapshot random read >= 0.5 x passthrough read", "snap-rand-read", "dmfs",
+           FLOOR, 0.5),
+)
+
+
+class Results:
+    """Cells by (system, workload), in the order systems and workloads were given."""
+
+    def __init__(self, systems: list[str], workloads: list[Workload]):
+        self.systems = systems
+        self.workloads = workloads
+        self.cells = {(s, w.name): Cell() for s in systems for w in workloads}
+
+    def add(self, system: str, workload: str, value: float, cpu: float) -> None:
+        cell = self.cells[(system, workload)]
+        cell.values.append(value)
+        cell.cpu.append(cpu)
+
+    def note(self, system: str, workload: str, note: str) -> None:
+        cell = self.cells[(system, workload)]
+        if not cell.note:
+            cell.note = note
+
+    def ratio(self, system: str, workload: str, against: str = FLOOR) -> float | None:
+        a = self.cells.get((system, workload))
+        b = self.cells.get((against, workload))
+        if a is None or b is None or a.median is None or not b.median:
+            return None
+        return a.median / b.median
+
+    # -- output ------------------------------------------------------------------
+
+    def table(self) -> str:
+        head = [f"{'workload':<22} {'unit':<5}"]
+        for s in self.systems:
+            head.append(f"{s:>11} {'' if s == FLOOR else 'x pt':>6} {'cpu s':>6}")
+        lines = [" | ".join(head)]
+        lines.append("-" * len(lines[0]))
+        for w in self.workloads:
+            row = [f"{w.name:<22} {w.unit:<5}"]
+            for s in self.systems:
+                row.append(self._cell_text(s, w.name))
+            lines.append(" | ".join(row))
+        return "\n".join(lines)
+
+    def _cell_text(self, system: str, workload: str) -> str:
+        cell = self.cells[(system, workload)]
+        if cell.median is None:
+            short = "ERR" if cell.note.startswith("error") else "n/a"
+            return f"{short:>11} {'':>6} {'':>6}"
+        ratio = self.ratio(system, workload)
+        ratio_text = "" if system == FLOOR else ("-" if ratio is None else f"{ratio:.2f}")
+        return f"{fmt(cell.median):>11} {ratio_text:>6} {cell.cpu_median:>6.1f}"
+
+    def notes(self) -> list[str]:
+        return [f"{s} {w.name}: {self.cells[(s, w.name)].note}"
+                for w in self.workloads for s in self.systems if self.cells[(s, w.name)].note]
+
+    def targets(self) -> list[dict]:
+        out = []
+        for t in TARGETS:
+            ratio = self.ratio(t.system, t.workload, t.against)
+            a = self.cells.get((t.system, t.workload))
+            b = self.cells.get((t.against, t.workload))
+            if ratio is None:
+                verdict, detail = "n/a", _missing(t, a, b)
+            else:
+                verdict = "PASS" if ratio >= t.factor else "FAIL"
+                detail = (f"{ratio:.2f} x ({fmt(a.median)} vs {fmt(b.median)} "
+                          f"{_unit(self.workloads, t.workload)}, {t.workload})")
+            out.append({"target": t.text, "verdict": verdict, "ratio": ratio, "detail": detail})
+        return out
+
+    def targets_text(self) -> str:
+        return "\n".join(f"{t['verdict']:<5} {t['target']}: {t['detail']}"
+                         for t in self.targets())
+
+    def to_json(self, config: dict) -> str:
+        data = {"config": config, "results": {}, "targets": self.targets()}
+        for (s, w), cell in self.cells.items():
+            data["results"].setdefault(s, {})[w] = {
+                "unit": _unit(self.workloads, w), "runs": cell.values, "cpu_s": cell.cpu,
+                "median": cell.median, "cpu_median_s": cell.cpu_median,
+                "ratio_to_passthrough": self.ratio(s, w), "note": cell.note or None}
+        return json.dumps(data, indent=2)
+
+
+def fmt(value: float) -> str:
+    """1234.5 -> "1235", 12.34 -> "12.3"."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _unit(workloads: list[Workload], name: str) -> str:
+    return next(w.unit for w in workloads if w.name == name)
+
+
+def _missing(t: Target, a: Cell | None, b: Cell | None) -> str:
+    for system, cell in ((t.system, a), (t.against, b)):
+        if cell is None:
+            return f"{system} {t.workload} not in this run"
+        if cell.median is None:
+            return f"{system} {t.workload}: {cell.note or 'not measured'}"
+    return f"{t.against} measured 0"

@@ -115,6 +115,7 @@ class MappedDevice:
             while self.in_flight:
                 self._drained = trio.Event()
                 await self._drained.wait()
+            await self._table.postsuspend()
             if flush:
                 await self._table.flush()
         except BaseException:
@@ -145,9 +146,10 @@ class MappedDevice:
                     req.complete()
                     return req
             clones = await table.map(req)
-            errs = await run_io(_clone_io, clones, size=req.length)
-            for c, e in zip(clones, errs):
-                c.complete(e)
+            if clones:
+                errs = await run_io(_clone_io, clones, size=req.length)
+                for c, e in zip(clones, errs):
+                    c.complete(e)
             await table.end_io(req)
             if req.error is None and req.flags & Flags.FUA:
                 await table.flush()

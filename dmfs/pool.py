@@ -546,14 +546,19 @@ class Pool:
                 raise DmError(errno.EINVAL, f"{snap.filename} has a transient store, which cannot merge")
             if snap.open_count:
                 raise DmError(errno.EBUSY, f"{snap.filename} is open; close it first")
-            await self._handover_to_merge(origin, snap, len(snap.complete), save=True)
+            await self._handover_to_merge(origin, snap, None, save=True)
         log.info("merging %s into %s (%d chunks)", snap.name, origin.name, origin.merge.total)
         return origin.merge
 
-    async def _handover_to_merge(self, origin: Origin, snap: Snapshot, total: int, save: bool = False) -> None:
-        merge = Merge(self, origin, snap, total)
+    async def _handover_to_merge(self, origin: Origin, snap: Snapshot, total: int | None,
+                                 save: bool = False) -> None:
+        merge = Merge(self, origin, snap, total or 0)
 
         async def change():
+            if total is None:
+                # Counted with the origin suspended: every acknowledged
+                # write has made its copy-outs by now.
+                merge.total = len(snap.complete)
             snap.merging = True
             origin.merge = merge
             origin.device.swap_table(MergeTarget(merge))

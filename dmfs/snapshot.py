@@ -46,6 +46,7 @@ from .errors import DmError, SnapshotInvalid, StoreFull
 from .exception_table import ExceptionTable
 from .request import Flags, Op, Request
 from .target import Target
+from .writeback import WritebackCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
@@ -537,6 +538,7 @@ class Origin(Volume):
         self.kcopyd = KcopydClient()
         self.config_lock = trio.Lock()
         self.merge = None  # dmfs.snapshot_merge.Merge while a snapshot merges into this origin
+        self.writeback = WritebackCache(self)
         self.device = MappedDevice(name, OriginTarget(self))
 
     def register(self, snap: Snapshot) -> None:
@@ -686,20 +688,40 @@ class OriginTarget(Target):
     def table(self) -> str:
         return self.origin.path
 
+    async def postsuspend(self) -> None:
+        # Acknowledged writes belong to the point in time of a suspend.
+        await self.origin.writeback.drain()
+
     async def flush(self) -> None:
+        wb = self.origin.writeback
+        await wb.drain()
         await trio.to_thread.run_sync(os.fdatasync, self.origin.fd)
+        err = wb.take_error()
+        if err is not None:
+            raise DmError(err, f"an acknowledged write to {self.origin.filename} failed")
 
     async def map(self, req: Request) -> list[Request]:
         o = self.origin
-        if req.op is Op.WRITE and o.snapshots:
+        wb = o.writeback
+        if req.op is Op.READ and wb.entries:
+            await wb.wait_clear(req.offset, req.end)
+        elif req.op is Op.WRITE and (o.snapshots or wb.entries):
+            waits = o.start_cow(req.offset, req.end)
+            deps = wb.overlapping(req.offset, req.end)
+            if (waits or deps) and wb.enabled and not req.flags & Flags.FUA:
+                # Acknowledge now, apply once the copy-outs are committed.
+                data = req.buf if req.buf.readonly else bytes(req.buf)
+                await wb.add(req.offset, data, waits)
+                req.complete()
+                return []
+            for d in deps:
+                await d.applied.wait()
             # Loop like retry_origin_bios: a write goes to the origin only
             # once no snapshot needs a copy of what it overwrites.
-            while True:
-                waits = o.start_cow(req.offset, req.end)
-                if not waits:
-                    break
+            while waits:
                 for pe in waits:
                     await pe.wait()
+                waits = o.start_cow(req.offset, req.end)
         # Reads are not split; a write whose chunks are all copied is one
         # piece (its per-chunk clones would all map to the same place).
         c = req.clone(req.offset, req.length).remap(o.fd, req.offset)

@@ -35,6 +35,9 @@ class Target:
     async def presuspend(self) -> None:
         """Called when the device stops admitting requests."""
 
+    async def postsuspend(self) -> None:
+        """Called once no request is in flight any more (before the flush)."""
+
     def resume(self) -> None:
         """Called when the device admits requests again (must not block)."""
 

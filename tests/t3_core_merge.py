@@ -39,13 +39,14 @@ async def scribble(vol, seed, count=20, size=SIZE, model=None):
 
 
 def hold_kcopyd(origin):
-    """Make kcopyd jobs wait for the returned gate."""
+    """Make merge jobs (copies into the origin) wait for the returned gate."""
     gate = trio.Event()
     real = origin.kcopyd.copy
 
-    async def held(*a, **k):
-        await gate.wait()
-        return await real(*a, **k)
+    async def held(src, dests, **k):
+        if any(d.fd == origin.fd for d in dests):
+            await gate.wait()
+        return await real(src, dests, **k)
 
     origin.kcopyd.copy = held
     return gate

@@ -109,6 +109,7 @@ async def test_concurrent_origin_writes_to_one_chunk_make_one_exception(pool):
     async with trio.open_nursery() as n:
         for i in range(20):
             n.start_soon(o.write, i * 512, bytes([66 + i]) * 512)
+    await o.flush()
     assert len(s.complete) == 1
     assert s.store.usage()[0] == 3 * 128  # header, area, one data chunk (in sectors)
     assert bytes(await s.read(0, 65536)) == b"A" * 65536
@@ -120,6 +121,7 @@ async def test_origin_write_waits_for_tracked_snapshot_reads(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    o.writeback.max_bytes = 0  # the write itself must wait, not just its cached copy
     token = s.tracked.add(2, 1)  # a read of chunk 2 still in flight
     done = trio.Event()
 
@@ -146,8 +148,10 @@ async def test_origin_overflow_invalidates_snapshot_and_origin_goes_on(pool):
     # Header + area + 2 data chunks of 4K.
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096, cow_size=4 * 4096))
     await o.write(0, b"B" * 8192)
+    await o.flush()
     assert s.valid
     await o.write(65536, b"C" * 4096)  # needs a third chunk: no room
+    await o.flush()
     assert not s.valid
     assert s.status() == "Invalid"
     assert bytes(await o.read(65536, 4096)) == b"C" * 4096
@@ -234,8 +238,10 @@ async def test_grow_origin_snapshot_keeps_size(pool):
     await pool.resize_origin(o, 2 * MiB)
     assert o.size == 2 * MiB and s.size == MiB
     await o.write(MiB, b"B" * MiB)  # beyond the snapshot: no COW
+    await o.flush()
     assert len(s.complete) == 0
     await o.write(MiB - 4096, b"C" * 8192)
+    await o.flush()
     assert len(s.complete) == 1
     assert bytes(await s.read(0, 2 * MiB)) == b"A" * MiB
 
@@ -260,6 +266,7 @@ async def test_suspend_drains_requests_in_flight(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    o.writeback.max_bytes = 0  # the write stays in flight until its COW is done
     # Hold a COW copy so an origin write stays in flight.
     gate = trio.Event()
     real_copy = o.kcopyd.copy
@@ -306,6 +313,49 @@ async def test_copy_error_invalidates_only_that_snapshot(pool):
     os.close(ro)
     with trio.fail_after(10):
         await o.write(0, b"B" * 4096)
+        await o.flush()
     assert good.valid and not bad.valid
     assert bytes(await good.read(0, 4096)) == b"A" * 4096
     assert bytes(await o.read(0, 4096)) == b"B" * 4096
+
+
+async def test_writeback_acknowledges_before_cow_and_suspend_drains_it(pool):
+    """A COW write is acknowledged once cached; reads see it at once; a
+    suspend (snapshot creation) and a flush wait until it is applied."""
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, b"A" * MiB)
+    s1 = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    gate = trio.Event()
+    real_copy = o.kcopyd.copy
+
+    async def slow_copy(*a, **k):
+        await gate.wait()
+        return await real_copy(*a, **k)
+
+    o.kcopyd.copy = slow_copy
+    with trio.fail_after(5):
+        await o.write(0, b"B" * 4096)          # acknowledged, COW still held
+        await o.write(2048, b"C" * 4096)       # overlaps: queued behind it
+    assert o.writeback.entries == 2
+    assert bytes(await s1.read(0, 8192)) == b"A" * 8192
+    flushed = trio.Event()
+
+    async def flusher():
+        await o.flush()
+        flushed.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(flusher)
+        reader_done = trio.Event()
+
+        async def reader():
+            assert bytes(await o.read(0, 8192)) == b"B" * 2048 + b"C" * 4096 + b"A" * 2048
+            reader_done.set()
+        n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not flushed.is_set() and not reader_done.is_set()
+        gate.set()
+    assert o.writeback.entries == 0
+    s2 = await pool.create_snapshot(o, SnapshotSpec("s2", chunk_size=4096))
+    assert bytes(await s2.read(0, 8192)) == b"B" * 2048 + b"C" * 4096 + b"A" * 2048
+    assert bytes(await s1.read(0, 8192)) == b"A" * 8192

@@ -1,0 +1,172 @@
+"""The origin's write-back cache: a disk's volatile cache for COW writes.
+
+An origin write that must wait for copy-outs (pending exceptions) does
+not have to keep its caller waiting: like a disk with a volatile write
+cache, dmfs acknowledges it once its data is held here, and writes it to
+the origin as soon as every snapshot's copy of the old data is durable
+(copy and record committed).  The one rule of dm-snapshot still holds —
+no origin chunk is overwritten before its old contents and the exception
+are durable in every active snapshot's store — because the entry is only
+applied after its pending exceptions complete.
+
+What it changes for a crash (README "What a crash can and cannot lose"):
+writes acknowledged but not yet flushed may be lost, exactly as with a
+disk cache; fsync/FUA waits until they are applied and synced, so nothing
+fsynced is ever lost, and every snapshot stays intact.
+
+Ordering: an entry applies only after every earlier entry overlapping it
+(its `deps`); a later write or read of an overlapping range waits behind
+it.  So the origin always reads what was last acknowledged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from .device import run_io
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .snapshot import Origin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 32 << 20
+# Also bounded in writes: a suspend (snapshot creation, handover) drains the
+# cache, and must stay prompt however small the writes are.
+DEFAULT_MAX_ENTRIES = 256
+# Index granularity: an entry is listed in every region it touches.
+REGION_SHIFT = 20
+
+
+class _Entry:
+    __slots__ = ("start", "end", "data", "deps", "applied")
+
+    def __init__(self, start: int, data, deps: list[_Entry]):
+        self.start = start
+        self.end = start + len(data)
+        self.data = data
+        self.deps = deps
+        self.applied = trio.Event()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class WritebackCache:
+    """Origin writes held until their copy-outs are committed.
+
+    Invariants:
+      * every entry not yet applied is in `_regions` for each region it
+        touches, and counted in `nbytes`;
+      * an entry is applied after its deps and after no active snapshot
+        needs a copy of any chunk it overwrites;
+      * `error` is the first error of a background write since the last
+        flush (reported by the next flush, like a disk's deferred error).
+    """
+
+    def __init__(self, origin: Origin, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES):
+        self.origin = origin
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.nbytes = 0
+        self.entries = 0
+        self.error: int | None = None
+        self._regions: dict[int, list[_Entry]] = {}
+        self._changed = trio.Event()
+        # Counters for status and benchmarks.
+        self.writes_cached = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def overlapping(self, start: int, end: int) -> list[_Entry]:
+        """Entries not yet applied that overlap [start, end), oldest first."""
+        if not self.entries:
+            return []
+        found: dict[int, _Entry] = {}
+        for r in range(start >> REGION_SHIFT, ((end - 1) >> REGION_SHIFT) + 1):
+            for e in self._regions.get(r, ()):
+                if e.start < end and start < e.end:
+                    found[id(e)] = e
+        return list(found.values())
+
+    async def wait_clear(self, start: int, end: int) -> None:
+        """Wait until nothing cached overlaps [start, end) (reads, FUA writes)."""
+        for e in self.overlapping(start, end):
+            await e.applied.wait()
+
+    async def add(self, start: int, data, waits) -> None:
+        """Hold `data` for [start, start+len) and apply it in the background.
+
+        `waits` are the pending exceptions the write needs; `data` must not
+        change afterwards (bytes, or a copy).  Returns once the data is
+        held, which may mean waiting for room.
+        """
+        n = len(data)
+        # Always a checkpoint: a writer that never waits must not starve
+        # the tasks that apply the cache.
+        await trio.lowlevel.checkpoint()
+        while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
+            await self._changed.wait()
+        deps = self.overlapping(start, start + n)
+        e = _Entry(start, data, deps)
+        for r in range(start >> REGION_SHIFT, ((e.end - 1) >> REGION_SHIFT) + 1):
+            self._regions.setdefault(r, []).append(e)
+        self.nbytes += n
+        self.entries += 1
+        self.writes_cached += 1
+        self.origin.nursery.start_soon(self._apply, e, waits)
+
+    async def _apply(self, e: _Entry, waits) -> None:
+        o = self.origin
+        try:
+            for d in e.deps:
+                await d.applied.wait()
+            # As retry_origin_bios: go only once no snapshot needs a copy.
+            while waits:
+                for pe in waits:
+                    await pe.wait()
+                waits = o.start_cow(e.start, e.end)
+            await run_io(_pwrite_all, o.fd, e.data, e.start, size=e.end - e.start)
+        except OSError as err:
+            log.error("%s: cached write of %d bytes at %d failed: %s", o.filename, e.end - e.start, e.start, err)
+            if self.error is None:
+                self.error = err.errno or errno.EIO
+        except Exception:  # a bug must not hang the writers behind this one
+            log.exception("%s: cached write at %d failed", o.filename, e.start)
+            if self.error is None:
+                self.error = errno.EIO
+        finally:
+            for r in range(e.start >> REGION_SHIFT, ((e.end - 1) >> REGION_SHIFT) + 1):
+                lst = self._regions[r]
+                lst.remove(e)
+                if not lst:
+                    del self._regions[r]
+            self.nbytes -= e.end - e.start
+            self.entries -= 1
+            e.data = None
+            e.deps = []
+            e.applied.set()
+            ev, self._changed = self._changed, trio.Event()
+            ev.set()
+
+    async def drain(self) -> None:
+        """Wait until every cached write is applied."""
+        while self.entries:
+            await self._changed.wait()
+
+    def take_error(self) -> int | None:
+        """The deferred error, once (the next flush reports it)."""
+        err, self.error = self.error, None
+        return err

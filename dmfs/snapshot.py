@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # dm-kcopyd: at most this many destinations per job.
 KCOPYD_MAX_REGIONS = 8
+# COW copies up to this size run without a thread hop (DESIGN §4).
+INLINE_COPY_MAX = 64 * 1024
 
 
 class PendingException:
@@ -535,7 +537,7 @@ class Origin(Volume):
         self.backing = backing
         self.nursery = nursery
         self.snapshots: list[Snapshot] = []
-        self.kcopyd = KcopydClient()
+        self.kcopyd = KcopydClient(inline_max=INLINE_COPY_MAX)
         self.config_lock = trio.Lock()
         self.merge = None  # dmfs.snapshot_merge.Merge while a snapshot merges into this origin
         self.writeback = WritebackCache(self)
@@ -621,6 +623,10 @@ class Origin(Volume):
         except Exception:  # a bug must not leave origin writes hanging
             log.exception("kcopyd job %d+%d failed", src, length)
             errors = [errno.EIO] * len(pes)
+        if len(pes) == 1:
+            await pes[0].snapshot.complete_pending(pes, errors[0])
+            return
+        # Each snapshot's store commits in parallel (each is a group commit).
         async with trio.open_nursery() as n:
             for pe, err in zip(pes, errors):
                 n.start_soon(pe.snapshot.complete_pending, [pe], err)

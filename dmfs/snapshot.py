@@ -219,8 +219,7 @@ class Snapshot(Volume):
         self.invalid_reason = "" if self.valid else "store could not be opened"
         if store is not None:
             self.chunk_size = store.chunk_size
-            for run in store.exceptions():
-                self.complete.insert(run.old, run.new, run.count)
+            self.complete = ExceptionTable.from_runs((r.old, r.new, r.count) for r in store.exceptions())
         else:
             self.chunk_size = 0
         self.device = MappedDevice(self.name, SnapshotTarget(self, readonly=config.readonly))

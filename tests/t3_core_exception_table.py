@@ -75,3 +75,25 @@ def test_random_against_a_dict():
             for i in range(k):
                 covered.append((old + i, None if new is None else new + i))
         assert covered == [(c, model.get(c)) for c in range(s, s + n)]
+
+
+def test_bulk_load_matches_inserts():
+    rnd = random.Random(5)
+    runs = []
+    pos = 0
+    for _ in range(2000):
+        pos += rnd.randrange(1, 3 * BUCKET_CHUNKS // 100)
+        n = rnd.randrange(1, 50)
+        runs.append((pos, 10 * pos, n))
+        pos += n
+    runs.append((pos, 10 * (pos - 1) + 1, 5))  # continues the previous run's old only
+    rnd.shuffle(runs)
+    a = ExceptionTable.from_runs(runs)
+    b = ExceptionTable()
+    for r in runs:
+        b.insert(*r)
+    assert len(a) == len(b)
+    assert list(a.runs()) == list(b.runs())
+    assert a.entries() == b.entries()
+    with pytest.raises(ValueError):
+        ExceptionTable.from_runs([(0, 5, 10), (9, 100, 1)])

@@ -169,6 +169,10 @@ class Pool:
                 log.error("snapshot %s@%s: %s; listed as Invalid", name, snap_name, e)
                 store = None
             snap = Snapshot(origin, snap_name, store, sm["size"], cfg)
+            if sm.get("invalid") and snap.valid:
+                # The store could not record it; the pool metadata did.
+                snap.valid = False
+                snap.invalid_reason = sm["invalid"]
             origin.register(snap)
         if dropped:
             await self.save_origin(origin)
@@ -188,27 +192,44 @@ class Pool:
         if self.closed:
             return
         self.closed = True
+        errors: list[DmError] = []
         for origin in list(self._origins.values()):
-            await self._close_origin(origin)
+            await self._close_origin(origin, errors)
         os.close(self.lock_fd)
+        if errors:
+            # Everything else was still flushed and closed; report the first.
+            raise errors[0]
 
-    async def _close_origin(self, origin: Origin) -> None:
+    async def _close_origin(self, origin: Origin, errors: list[DmError]) -> None:
+        """Flush and close an origin and its stores; a failure of one store
+        is logged and collected, and never stops the others from closing."""
+
+        async def attempt(what: str, fn, *args) -> None:
+            try:
+                await fn(*args)
+            except DmError as e:
+                log.error("closing %s: %s", what, e)
+                errors.append(e)
+            except OSError as e:
+                log.error("closing %s: %s", what, e)
+                errors.append(DmError(e.errno or errno.EIO, f"closing {what}: {e.strerror}"))
+
         async with origin.config_lock:
             if not origin.device.suspended:
-                await origin.device.suspend()
+                await attempt(origin.filename, origin.device.suspend)
             for snap in list(origin.snapshots):
                 if not snap.device.suspended:
-                    await snap.device.suspend(flush=False)
+                    await attempt(snap.filename, snap.device.suspend, False)
                 if snap.store is None:
                     continue
                 if snap.config.store == "N":
-                    await snap.store.destroy()
+                    await attempt(snap.filename, snap.store.destroy)
                 else:
-                    await snap.store.close()
+                    await attempt(snap.filename, snap.store.close)
             if any(s.config.store == "N" for s in origin.snapshots):
                 for s in [s for s in origin.snapshots if s.config.store == "N"]:
                     origin.unregister(s)
-                await self.save_origin(origin)
+                await attempt(origin.filename, self.save_origin, origin)
             os.close(origin.fd)
 
     # -- naming ----------------------------------------------------------------
@@ -265,10 +286,16 @@ class Pool:
                     "discard_zeroes_cow": s.config.discard_zeroes_cow,
                     "discard_passdown_origin": s.config.discard_passdown_origin,
                     "created": s.config.created,
+                    # Also here, because the store that failed may not be
+                    # able to record it (its own log write failed).
+                    "invalid": None if s.valid else (s.invalid_reason or "invalid"),
                 } for s in origin.snapshots
             },
         }
-        await trio.to_thread.run_sync(_write_json_atomic, self._meta_path(origin.name), meta)
+        # Serialised: invalidation saves from background tasks, and two
+        # writers of one temporary file would corrupt it.
+        async with origin.meta_lock:
+            await trio.to_thread.run_sync(_write_json_atomic, self._meta_path(origin.name), meta)
 
     # -- origins -----------------------------------------------------------------
 

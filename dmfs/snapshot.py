@@ -256,10 +256,16 @@ class Snapshot(Volume):
             self.origin.nursery.start_soon(self._persist_invalid)
 
     async def _persist_invalid(self) -> None:
+        # In the store's header and in the pool metadata: the store that
+        # just failed may not be able to write its own header.
         try:
             await self.store.drop_snapshot()
         except Exception as e:  # the in-memory state is already invalid
-            log.error("snapshot %s: could not persist invalid flag: %s", self.name, e)
+            log.error("snapshot %s: could not persist the invalid flag in its store: %s", self.name, e)
+        try:
+            await self.origin.pool.save_origin(self.origin)
+        except Exception as e:
+            log.error("snapshot %s: could not persist the invalid flag in the pool: %s", self.name, e)
 
     # -- pending exceptions ----------------------------------------------------
 
@@ -538,6 +544,7 @@ class Origin(Volume):
         self.snapshots: list[Snapshot] = []
         self.kcopyd = KcopydClient(inline_max=INLINE_COPY_MAX)
         self.config_lock = trio.Lock()
+        self.meta_lock = trio.Lock()
         self.merge = None  # dmfs.snapshot_merge.Merge while a snapshot merges into this origin
         self.writeback = WritebackCache(self)
         self.device = MappedDevice(name, OriginTarget(self))

@@ -177,6 +177,11 @@ class ExceptionStore(abc.ABC):
     def usage(self) -> tuple[int, int, int]:
         """(sectors_allocated, total_sectors, metadata_sectors) as dm reports them."""
 
+    def stats(self) -> dict:
+        """Counters for diagnostics (`user.dmfs.info`, benchmarks): at least
+        "commits" (group commits since open); persistent stores add more."""
+        return {"commits": getattr(self, "commits", 0)}
+
     def status_params(self) -> str:
         """The STATUSTYPE_INFO string of dm's snapshot target."""
         if not self.valid:

@@ -27,6 +27,7 @@ import msgpack
 import xxhash
 
 from .base import ExceptionRun
+from .chunks import ChunkAllocator, append_run, layout_problems, persistent_allocator, remove_run
 
 MAGIC = "dmfsSnAp"
 VERSION = 1
@@ -181,13 +182,20 @@ def log_seed(uuid: bytes) -> int:
 class Record:
     """One decoded log record.
 
-    `runs` is set for exception records ("e"); `fields` holds the other
-    keys of the payload (state values for "s").
+    `runs` is set for exception and merge records ("e", "m"); `fields`
+    holds the other keys of the payload (state values for "s").  `batch`
+    is the seq of the first record of the commit this record was written
+    in (its "b" key; the record's own seq when absent).
     """
     seq: int
     kind: str
     runs: tuple[ExceptionRun, ...] = ()
     fields: dict = dataclasses.field(default_factory=dict)
+    batch: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.batch:
+            object.__setattr__(self, "batch", self.seq)
 
 
 def encode_frame(payload: bytes, seed: int) -> bytes:
@@ -198,13 +206,21 @@ def encode_frame(payload: bytes, seed: int) -> bytes:
 
 
 def encode_record(body: dict, seed: int) -> bytes:
-    """Frame a record map (it must have "seq" and "t")."""
+    """Frame a record map (it must have "seq" and "t"; "seq" is packed
+    first, which `find_frames` relies on to find records after damage)."""
+    if next(iter(body)) != "seq":
+        body = {"seq": body["seq"], **body}
     return encode_frame(msgpack.packb(body, use_bin_type=True), seed)
 
 
-def exception_record(seq: int, runs: Iterable[ExceptionRun]) -> dict:
-    return {"seq": seq, "t": REC_EXCEPTIONS,
+def exception_record(seq: int, runs: Iterable[ExceptionRun], batch: int | None = None) -> dict:
+    """An "e" record.  `batch` (the seq of the first record of the same
+    commit) is written only when it differs from `seq`."""
+    body = {"seq": seq, "t": REC_EXCEPTIONS,
             "x": [[r.old, r.new, r.count] for r in runs]}
+    if batch is not None and batch != seq:
+        body["b"] = batch
+    return body
 
 
 def merge_record(seq: int, runs: Iterable[ExceptionRun]) -> dict:
@@ -223,9 +239,11 @@ def encode_exception_records(runs: list[ExceptionRun], *, first_seq: int,
                              max_runs: int = MAX_RUNS_PER_RECORD) -> list[bytes]:
     """Frames for `runs`, split into records of at most `max_runs` runs.
 
-    Sequence numbers are first_seq, first_seq+1, ...
+    Sequence numbers are first_seq, first_seq+1, ...; every record after
+    the first names first_seq as its batch ("b"), so a reader can tell the
+    rest of an unfinished commit from records of a later one.
     """
-    return [encode_record(exception_record(first_seq + n, runs[i:i + max_runs]), seed)
+    return [encode_record(exception_record(first_seq + n, runs[i:i + max_runs], first_seq), seed)
             for n, i in enumerate(range(0, len(runs), max_runs))]
 
 
@@ -243,7 +261,11 @@ def decode_record(body: Any) -> Record:
             or not isinstance(body.get("t"), str):
         raise FormatError("record is not a map with seq and t")
     kind = body["t"]
-    fields = {k: v for k, v in body.items() if k not in ("seq", "t", "x")}
+    seq = body["seq"]
+    batch = body.get("b", seq)
+    if not _is_int(batch) or not 1 <= batch <= seq:
+        raise FormatError(f"record {seq}: bad batch {batch!r}")
+    fields = {k: v for k, v in body.items() if k not in ("seq", "t", "x", "b")}
     if kind in (REC_EXCEPTIONS, REC_MERGE):
         x = body.get("x")
         if not isinstance(x, list):
@@ -254,13 +276,13 @@ def decode_record(body: Any) -> Record:
                     and e[0] >= 0 and e[1] >= 0 and e[2] >= 1):
                 raise FormatError(f"bad exception entry {e!r}")
             runs.append(ExceptionRun(e[0], e[1], e[2]))
-        return Record(body["seq"], kind, tuple(runs), fields)
+        return Record(seq, kind, tuple(runs), fields, batch)
     if kind == REC_STATE:
         if ("valid" in fields and not isinstance(fields["valid"], bool)) or \
                 ("overflow" in fields and not isinstance(fields["overflow"], bool)) or \
                 ("cow_size" in fields and not _is_int(fields["cow_size"])):
             raise FormatError("bad state record")
-    return Record(body["seq"], kind, (), fields)
+    return Record(seq, kind, (), fields, batch)
 
 
 @dataclass
@@ -269,13 +291,95 @@ class LogScan:
 
     records: the good records, in order.
     end: byte offset just after the last good record (where the next
-      record goes; anything from here on is garbage).
+      record goes; anything from here on is not part of the log).
     stop: why the scan stopped before the end of the buffer, or None if
       the buffer ended exactly after a record.
+    size: length of the scanned buffer (`size - end` bytes are cut).
+    later: (offset, record) of every good frame found after `end`: the
+      rest of an unfinished commit (harmless), or proof of damage.
+    corrupt: set when a good record of a *later* commit follows `end`:
+      the damaged bytes were durable once, so the log cannot be cut
+      there without losing acknowledged records.  The text says where.
     """
     records: list[Record]
     end: int
     stop: str | None
+    size: int = 0
+    later: list[tuple[int, Record]] = dataclasses.field(default_factory=list)
+    corrupt: str | None = None
+
+    @property
+    def torn(self) -> bool:
+        """Bytes follow the last good record (and they are not corruption)."""
+        return self.corrupt is None and self.end < self.size
+
+    @property
+    def last_seq(self) -> int:
+        return self.records[-1].seq if self.records else 0
+
+
+# Every record's payload is a msgpack map whose first key is "seq": a
+# fixmap byte, then this fixstr.  `find_frames` looks for it.
+SEQ_KEY = b"\xa3seq"
+
+
+def _frame_at(buf: bytes, pos: int, seed: int) -> tuple[int, dict] | None:
+    """The frame at `pos` if its length is sane and its checksum matches:
+    (frame size, unpacked payload map); None otherwise."""
+    if len(buf) - pos < FRAME.size:
+        return None
+    length, csum = FRAME.unpack_from(buf, pos)
+    if length == 0 or length > MAX_PAYLOAD or pos + FRAME.size + length > len(buf):
+        return None
+    payload = memoryview(buf)[pos + FRAME.size:pos + FRAME.size + length]
+    if xxhash.xxh64_intdigest(payload, seed) != csum:
+        return None
+    try:
+        body = msgpack.unpackb(payload, raw=False)
+    except Exception:
+        body = None
+    return FRAME.size + length, body
+
+
+def find_frames(buf: bytes | memoryview, start: int, *, seed: int,
+                min_seq: int) -> list[tuple[int, Record]]:
+    """Good frames anywhere in `buf[start:]` with seq >= `min_seq`.
+
+    Used after the scan met a bad frame: where the next frames start is
+    unknown (the bad frame's length may be the damaged part), so this
+    looks at every place where a record's "seq" key could be.  A frame
+    whose checksum matches but whose payload is malformed is reported
+    with batch = its seq (it was written by this store, so it counts as
+    a later commit).
+
+    Returns:
+      (offset, record) in file order.
+    """
+    if not isinstance(buf, bytes):
+        buf = bytes(buf)
+    out: list[tuple[int, Record]] = []
+    i = start
+    while True:
+        j = buf.find(SEQ_KEY, i)
+        if j < 0:
+            return out
+        pos = j - 1 - FRAME.size
+        i = j + 1
+        if pos < start:
+            continue
+        got = _frame_at(buf, pos, seed)
+        if got is None:
+            continue
+        size, body = got
+        if not isinstance(body, dict) or not _is_int(body.get("seq")) \
+                or body["seq"] < min_seq:
+            continue
+        try:
+            rec = decode_record(body)
+        except FormatError:
+            rec = Record(body["seq"], "?")
+        out.append((pos, rec))
+        i = pos + size
 
 
 def scan_log(buf: bytes | memoryview, *, seed: int, start: int = LOG_START,
@@ -286,6 +390,13 @@ def scan_log(buf: bytes | memoryview, *, seed: int, start: int = LOG_START,
     MAX_PAYLOAD, or past the end of `buf`), a checksum that fails with
     `seed`, or a sequence number that is not the previous one plus one.
     Those are what a torn append, zeroed or stale space look like.
+
+    Then the rest of the buffer is searched for good frames (`find_frames`).
+    A good frame whose batch ("b") is at most the seq the bad frame should
+    have had belongs to the same, unfinished commit: the tail is torn and
+    may be cut.  A good frame of a later batch can only exist if the bad
+    frame was once durable (a commit starts only after the previous one's
+    log sync): that is corruption, reported in `corrupt`, never cut.
 
     Raises:
       FormatError: a frame passes checksum and sequence checks but its
@@ -321,4 +432,81 @@ def scan_log(buf: bytes | memoryview, *, seed: int, start: int = LOG_START,
             raise FormatError(f"record at offset {pos}: {e}") from None
         pos += FRAME.size + length
         seq += 1
-    return LogScan(records, pos, stop)
+    scan = LogScan(records, pos, stop, len(buf))
+    if stop is not None and len(buf) - pos >= FRAME.size:
+        scan.later = find_frames(buf, pos, seed=seed, min_seq=seq)
+        newer = [(off, r) for off, r in scan.later if r.batch > seq]
+        if newer:
+            off, rec = newer[0]
+            scan.corrupt = (f"damaged record at offset {pos} (seq {seq} expected, {stop}) "
+                            f"is followed by {len(scan.later)} good records up to seq "
+                            f"{scan.later[-1][1].seq}, the first of a later commit at "
+                            f"offset {off} (seq {rec.seq})")
+    return scan
+
+
+# -- replay ---------------------------------------------------------------
+
+@dataclass
+class Replay:
+    """The state a log describes (see `replay`).
+
+    runs: the committed exceptions, coalesced, in log order.
+    chunks: how many chunks `runs` cover.
+    valid, overflow, cow_size: the header's values with "s" records applied.
+    problems: why this state cannot be trusted (overlaps, bad merges,
+      unknown record types...); empty when consistent.
+    alloc: the rebuilt allocator (next_free, free list of holes), or None
+      when there are problems.
+    """
+    runs: list[ExceptionRun]
+    chunks: int
+    valid: bool
+    overflow: bool
+    cow_size: int
+    problems: list[str]
+    alloc: ChunkAllocator | None = None
+
+
+def replay(records: Iterable[Record], hdr: Header) -> Replay:
+    """Apply `records` to an empty store with header `hdr` (read_metadata).
+
+    "e" adds runs, "m" removes them (a merged run must be mapped exactly),
+    "s" changes state.  Then the final runs must be consistent
+    (`chunks.layout_problems`), and the allocator is rebuilt from them:
+    next_free = 1 + the highest COW chunk in use, every other data chunk
+    below it is a hole on the free list.
+    """
+    runs: list[ExceptionRun] = []
+    chunks = 0
+    st = Replay(runs, 0, hdr.valid, hdr.overflow, hdr.cow_size, [])
+    for rec in records:
+        if rec.kind == REC_EXCEPTIONS:
+            for r in rec.runs:
+                append_run(runs, r)
+                chunks += r.count
+        elif rec.kind == REC_MERGE:
+            for r in rec.runs:
+                try:
+                    remove_run(runs, r)
+                except ValueError as e:
+                    st.problems.append(f"record {rec.seq}: {e}")
+                    continue
+                chunks -= r.count
+        elif rec.kind == REC_STATE:
+            st.valid = rec.fields.get("valid", st.valid)
+            st.overflow = rec.fields.get("overflow", st.overflow)
+            st.cow_size = rec.fields.get("cow_size", st.cow_size)
+        else:
+            st.problems.append(f"record {rec.seq} has unsupported type {rec.kind!r}")
+    st.chunks = chunks
+    st.problems.extend(layout_problems(runs, hdr.chunk_size, st.cow_size))
+    if not st.problems:
+        alloc = persistent_allocator(hdr.chunk_size)
+        try:
+            alloc.rebuild([(r.new, r.count) for r in runs])
+        except ValueError as e:  # layout_problems should have caught it
+            st.problems.append(str(e))
+        else:
+            st.alloc = alloc
+    return st

@@ -20,11 +20,14 @@ out-of-order commits) is put on the free list instead of being leaked.
 Commits are group commits: one fdatasync of the COW data, one append of
 records, one fdatasync of the log serve every caller that arrived while
 the previous commit was running.
+
+Every system call goes through a `FileIO` object (store/fileio.py), so
+the power-loss tests can run the store over a file layer that records
+writes and syncs.
 """
 
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
 import os
@@ -33,10 +36,15 @@ from typing import Callable, Iterable
 
 import trio
 
-from dmfs.errors import DmError, SnapshotInvalid, StoreFull
+from dmfs.errors import DmError, SnapshotInvalid
 
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
+from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
+from .chunks import append_run as append_run
+from .chunks import persistent_allocator
+from .chunks import remove_run as remove_run
+from .fileio import OS_IO, FileIO
 
 log = logging.getLogger(__name__)
 
@@ -65,196 +73,41 @@ def check_geometry(chunk_size: int, cow_size: int, min_chunks: int) -> None:
                       f"({min_chunks * chunk_size} bytes)")
 
 
-def append_run(runs: list[ExceptionRun], r: ExceptionRun) -> None:
-    """Append `r`, merging it into the last run when both old and new continue it."""
-    if runs:
-        last = runs[-1]
-        if last.old + last.count == r.old and last.new + last.count == r.new:
-            runs[-1] = ExceptionRun(last.old, last.new, last.count + r.count)
-            return
-    runs.append(r)
+def write_header_slots(io: FileIO, log_fd: int, new: fmt.Header, slot: int) -> tuple[fmt.Header, int]:
+    """Write header `new` to `slot` and sync; then its mirror (gen + 1) to
+    the other slot and sync.  Runs in a worker thread.
 
+    The update takes effect when the first sync returns; the second write
+    only makes both slots agree, so a later damaged slot cannot bring the
+    previous state back.
 
-def remove_run(runs: list[ExceptionRun], r: ExceptionRun) -> None:
-    """Take `r` out of `runs` (it must lie inside one run; merges take
-    runs off the end, so search from there).
+    Returns:
+      (header, slot) now current: the mirror, or `new` if writing the
+      mirror failed (logged; the update itself is durable).
 
     Raises:
-      ValueError: `r` is not exactly mapped by one of `runs`.
+      OSError: the first write or sync failed (nothing changed).
     """
-    for i in range(len(runs) - 1, -1, -1):
-        cur = runs[i]
-        if cur.old <= r.old and r.old + r.count <= cur.old + cur.count \
-                and cur.new + (r.old - cur.old) == r.new:
-            pieces = []
-            if cur.old < r.old:
-                pieces.append(ExceptionRun(cur.old, cur.new, r.old - cur.old))
-            tail = cur.old + cur.count - (r.old + r.count)
-            if tail:
-                pieces.append(ExceptionRun(r.old + r.count, r.new + r.count, tail))
-            runs[i:i + 1] = pieces
-            return
-    raise ValueError(f"{r} is not a committed exception")
+    io.pwrite_all(log_fd, fmt.encode_header(new), slot * fmt.SLOT_SIZE)
+    io.fdatasync(log_fd)
+    mirror = new.replace(gen=new.gen + 1)
+    try:
+        io.pwrite_all(log_fd, fmt.encode_header(mirror), (1 - slot) * fmt.SLOT_SIZE)
+        io.fdatasync(log_fd)
+    except OSError as e:
+        log.warning("header slot %s not updated (slot %s is): %s", "AB"[1 - slot], "AB"[slot], e)
+        return new, slot
+    return mirror, 1 - slot
 
 
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """os.pwrite until everything is written (pwrite may write less)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+    OS_IO.pwrite_all(fd, data, offset)
 
 
 def fsync_dir(path: str) -> None:
     """fsync the directory holding `path`, so a create/unlink is durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ChunkAllocator:
-    """`next_free` plus a free list of chunk runs below it.
-
-    Invariants:
-      * `next_free` is never a metadata chunk;
-      * free runs are sorted, disjoint (touching runs are merged), lie below
-        `next_free` and never contain a metadata chunk;
-      * a chunk is either below `next_free` and (in use xor free), or not
-        handed out yet.
-
-    Args:
-      first: the first data chunk (2 persistent, 0 transient).
-      stride: epa + 1 for the persistent layout (metadata chunk when
-        `chunk % stride == 1`), or 0 for no metadata chunks.
-    """
-
-    def __init__(self, chunk_size: int, first: int, stride: int = 0):
-        self.chunk_size = chunk_size
-        self.first = first
-        self.stride = stride
-        self.next_free = first
-        self.free: list[tuple[int, int]] = []   # (start, count), sorted
-
-    def is_metadata(self, chunk: int) -> bool:
-        return chunk < self.first or (self.stride > 0 and chunk % self.stride == 1)
-
-    def _skip_metadata(self) -> None:
-        # kernel skip_metadata(): the next area's chunk is never handed out
-        if self.stride and self.next_free % self.stride == 1:
-            self.next_free += 1
-
-    def free_chunks(self) -> int:
-        return sum(c for _, c in self.free)
-
-    def allocate(self, count: int, cow_size: int) -> tuple[int, int]:
-        """Hand out up to `count` consecutive chunks; return (first, n).
-
-        Raises:
-          StoreFull: no chunk is free and chunk `next_free` does not fit.
-        """
-        if count < 1:
-            raise ValueError("count must be >= 1")
-        if self.free:
-            start, c = self.free[0]
-            n = min(count, c)
-            if n == c:
-                del self.free[0]
-            else:
-                self.free[0] = (start + n, c - n)
-            return start, n
-        nf, cs = self.next_free, self.chunk_size
-        # kernel rule: the whole chunk must fit in the device
-        if cow_size < (nf + 1) * cs:
-            raise StoreFull()
-        # stop before the next metadata chunk and at the end of capacity
-        n = min(count, cow_size // cs - nf)
-        if self.stride:
-            n = min(n, (1 - nf) % self.stride)
-        self.next_free = nf + n
-        self._skip_metadata()
-        return nf, n
-
-    def release(self, start: int, count: int) -> None:
-        """Put chunks back on the free list.
-
-        Raises:
-          ValueError: the chunks were never handed out or are already free.
-        """
-        end = start + count
-        if count < 1 or start < self.first or end > self.next_free:
-            raise ValueError(f"chunks {start}+{count} were not handed out")
-        if any(True for _ in self._metadata_in(start, end)):
-            raise ValueError(f"chunks {start}+{count} include a metadata chunk")
-        i = bisect.bisect_left(self.free, (start, 0))
-        if i > 0 and sum(self.free[i - 1]) > start or \
-                i < len(self.free) and self.free[i][0] < end:
-            raise ValueError(f"chunks {start}+{count} are already free")
-        if i < len(self.free) and self.free[i][0] == end:
-            end += self.free[i][1]
-            del self.free[i]
-        if i > 0 and sum(self.free[i - 1]) == start:
-            i -= 1
-            start = self.free[i][0]
-            del self.free[i]
-        self.free.insert(i, (start, end - start))
-        self._trim()
-
-    def _trim(self) -> None:
-        """Lower next_free over free runs at the top (a merge gives chunks
-        back from the end), so usage reads as if never allocated."""
-        while self.free:
-            start, count = self.free[-1]
-            end, nf = start + count, self.next_free
-            # next_free may sit just past a skipped metadata chunk
-            if end == nf or (self.stride and end == nf - 1 and self.is_metadata(end)):
-                del self.free[-1]
-                self.next_free = start
-            else:
-                break
-
-    def _metadata_in(self, start: int, end: int) -> Iterable[int]:
-        """The metadata chunks in [start, end)."""
-        if not self.stride:
-            return ()
-        first = start + (1 - start) % self.stride
-        return range(first, end, self.stride)
-
-    def rebuild(self, used: list[tuple[int, int]]) -> None:
-        """Recompute next_free and the free list from the chunks in use.
-
-        `next_free` becomes 1 + the highest used chunk (at least `first`,
-        never on a metadata chunk); every other data chunk below it is free.
-
-        Args:
-          used: (start, count) of every committed run, in any order.
-
-        Raises:
-          ValueError: runs overlap or cover a metadata chunk.
-        """
-        used = sorted(used)
-        self.free = []
-        pos = self.first
-        for start, count in used:
-            if start < pos:
-                raise ValueError(f"COW chunk {start} is used twice or is reserved")
-            if any(True for _ in self._metadata_in(start, start + count)):
-                raise ValueError(f"run {start}+{count} covers a metadata chunk")
-            self._add_free_range(pos, start)
-            pos = start + count
-        self.next_free = pos
-        self._skip_metadata()
-
-    def _add_free_range(self, start: int, end: int) -> None:
-        # split around metadata chunks; appends, so callers go in order
-        pos = start
-        for m in self._metadata_in(start, end):
-            if m > pos:
-                self.free.append((pos, m - pos))
-            pos = m + 1
-        if end > pos:
-            self.free.append((pos, end - pos))
+    OS_IO.fsync_dir(path)
 
 
 # -- the store -------------------------------------------------------------
@@ -280,10 +133,13 @@ class PersistentStore(ExceptionStore):
 
     Invariants:
       * the in-memory header (`_hdr`, in slot `_hdr_slot`) is what is
-        durable in the log's header area; the other slot holds an older
-        header or garbage;
+        durable in the log's header area; after a completed header update
+        the other slot holds the same state with generation `gen - 1`
+        (both slots are written, one after the other: a damaged slot
+        never takes a state change back);
       * `_log_end` is the byte offset after the last durable record and
         `_seq` its sequence number; nothing valid follows `_log_end`;
+        records are appended only under `_log_lock`, one append at a time;
       * `_runs` are exactly the committed exceptions (coalesced), and
         `_committed_chunks` the number of chunks they cover;
       * at most one group commit is in flight (`_committing`); runs of
@@ -294,10 +150,12 @@ class PersistentStore(ExceptionStore):
       uuid: the store's 16-byte uuid.
       commits: group commits done since open (one data+log sync each).
       records: log records written since open.
+      committed_chunks: exception chunks committed since open.
+      max_batch: the most chunks one group commit carried.
     """
 
     def __init__(self, base_path: str, hdr: fmt.Header, hdr_slot: int,
-                 cow_fd: int, log_fd: int):
+                 cow_fd: int, log_fd: int, io: FileIO = OS_IO):
         self.base_path = base_path
         self.cow_path = base_path + ".cow"
         self.log_path = base_path + ".log"
@@ -312,6 +170,9 @@ class PersistentStore(ExceptionStore):
         self.exceptions_per_area = hdr.chunk_size // 16
         self.commits = 0
         self.records = 0
+        self.committed_chunks = 0
+        self.max_batch = 0
+        self._io = io
         self._hdr = hdr
         self._hdr_slot = hdr_slot
         self._seed = fmt.log_seed(hdr.uuid)
@@ -319,11 +180,12 @@ class PersistentStore(ExceptionStore):
         self._seq = 0
         self._runs: list[ExceptionRun] = []
         self._committed_chunks = 0
-        self._alloc = ChunkAllocator(hdr.chunk_size, 2, self.exceptions_per_area + 1)
+        self._alloc = persistent_allocator(hdr.chunk_size)
         self._pending: _Batch | None = None
         self._committing = False
         self._commit_finished = trio.Event()
         self._header_lock = trio.Lock()
+        self._log_lock = trio.Lock()
         self._closing = False   # close() started: no new work accepted
         self._closed = False    # fds are closed
 
@@ -334,8 +196,11 @@ class PersistentStore(ExceptionStore):
 
     @classmethod
     async def create(cls, base_path: str, *, chunk_size: int, cow_size: int,
-                     type_name: str = "P") -> "PersistentStore":
+                     type_name: str = "P", io: FileIO | None = None) -> "PersistentStore":
         """Create `.cow` (sparse, cow_size bytes) and `.log` (header only), durably.
+
+        Both header slots are written (gen 1 in A, gen 2 in B), so a
+        damaged slot is never the only copy.
 
         Raises:
           DmError(EINVAL): bad type, chunk size, or cow_size (must hold the
@@ -343,33 +208,35 @@ class PersistentStore(ExceptionStore):
           DmError(EEXIST): either file already exists.
           DmError(errno): creating the files failed.
         """
+        io = io or OS_IO
         if type_name not in fmt.STORE_TYPES:
             raise DmError(errno.EINVAL, f"persistent store type must be P or PO, not {type_name!r}")
         check_geometry(chunk_size, cow_size, 3)
         hdr = fmt.Header(uuid=os.urandom(16), gen=1, chunk_size=chunk_size,
                          cow_size=cow_size, type_name=type_name)
         cow_path, log_path = base_path + ".cow", base_path + ".log"
+        area = fmt.encode_header(hdr) + fmt.encode_header(hdr.replace(gen=2))
 
         def work() -> tuple[int, int]:
             made: list[str] = []
             fds: list[int] = []
             try:
                 for p in (cow_path, log_path):
-                    fds.append(os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+                    fds.append(io.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
                     made.append(p)
                 cow_fd, log_fd = fds
-                os.ftruncate(cow_fd, cow_size)
-                os.fsync(cow_fd)
-                pwrite_all(log_fd, fmt.encode_header(hdr).ljust(fmt.HEADER_AREA, b"\0"), 0)
-                os.fsync(log_fd)
-                fsync_dir(cow_path)
+                io.ftruncate(cow_fd, cow_size)
+                io.fsync(cow_fd)
+                io.pwrite_all(log_fd, area.ljust(fmt.HEADER_AREA, b"\0"), 0)
+                io.fsync(log_fd)
+                io.fsync_dir(cow_path)
                 return cow_fd, log_fd
             except BaseException:
                 for fd in fds:
-                    os.close(fd)
+                    io.close(fd)
                 for p in made:
                     try:
-                        os.unlink(p)
+                        io.unlink(p)
                     except OSError:
                         pass
                 raise
@@ -382,37 +249,38 @@ class PersistentStore(ExceptionStore):
             raise DmError(e.errno or errno.EIO, f"cannot create store {base_path}: {e}") from None
         log.debug("created %s store %s chunk_size=%d cow_size=%d",
                   type_name, base_path, chunk_size, cow_size)
-        return cls(base_path, hdr, 0, cow_fd, log_fd)
+        return cls(base_path, hdr.replace(gen=2), 1, cow_fd, log_fd, io)
 
     @classmethod
-    async def open(cls, base_path: str) -> "PersistentStore":
+    async def open(cls, base_path: str, *, io: FileIO | None = None) -> "PersistentStore":
         """Open the store and replay its log (the kernel's read_metadata).
 
-        A torn or stale tail of the log is cut off (truncated) so the next
-        append follows the last good record.
+        A torn tail of the log (what a crash during an append leaves) is
+        cut off, durably, so the next append follows the last good record.
+        A damaged record followed by good records of a later commit is not
+        a torn tail: records that were once durable would be lost, so the
+        store refuses to open (EIO) and nothing is changed on disk; the
+        pool then lists the snapshot as Invalid, and `dmfs check` tells
+        where the damage is.
 
         Raises:
           DmError(ENOENT): there is no .log file.
-          DmError(EIO): no valid header, a corrupt record, the .cow file is
-            missing, or reading failed.
+          DmError(EIO): no valid header, a corrupt record (in the middle of
+            the log, or checksummed but malformed), records that contradict
+            each other (a chunk mapped twice, beyond cow_size, on a metadata
+            chunk), the .cow file is missing, or reading failed.
         """
+        io = io or OS_IO
         cow_path, log_path = base_path + ".cow", base_path + ".log"
 
         def read() -> tuple[int, int, bytes]:
-            log_fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
+            log_fd = io.open(log_path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                size = os.fstat(log_fd).st_size
-                chunks, pos = [], 0
-                while pos < size:
-                    b = os.pread(log_fd, min(size - pos, 64 << 20), pos)
-                    if not b:
-                        break
-                    chunks.append(b)
-                    pos += len(b)
-                cow_fd = os.open(cow_path, os.O_RDWR | os.O_CLOEXEC)
-                return cow_fd, log_fd, b"".join(chunks)
+                buf = io.read_all(log_fd)
+                cow_fd = io.open(cow_path, os.O_RDWR | os.O_CLOEXEC)
+                return cow_fd, log_fd, buf
             except BaseException:
-                os.close(log_fd)
+                io.close(log_fd)
                 raise
 
         try:
@@ -436,14 +304,14 @@ class PersistentStore(ExceptionStore):
                 check_geometry(hdr.chunk_size, hdr.cow_size, 3)
             except DmError as e:
                 raise DmError(errno.EIO, f"{log_path}: bad header: {e}") from None
-            store = cls(base_path, hdr, slot, cow_fd, log_fd)
+            store = cls(base_path, hdr, slot, cow_fd, log_fd, io)
             await store._replay(buf)
         except BaseException:
             if store is not None:
                 store._close_fds()
             else:
-                os.close(cow_fd)
-                os.close(log_fd)
+                io.close(cow_fd)
+                io.close(log_fd)
             raise
         log.debug("opened %s: %d exceptions in %d runs, next_free=%d, %d free chunks",
                   base_path, store._committed_chunks, len(store._runs),
@@ -451,57 +319,40 @@ class PersistentStore(ExceptionStore):
         return store
 
     async def _replay(self, buf: bytes) -> None:
-        """Apply the log's records, rebuild the allocator, cut a bad tail."""
+        """Apply the log's records, rebuild the allocator, cut a torn tail."""
         try:
             scan = fmt.scan_log(buf, seed=self._seed)
         except fmt.FormatError as e:
             raise DmError(errno.EIO, f"corrupt log {self.log_path}: {e}") from None
-        used = []
-        for rec in scan.records:
-            if rec.kind == fmt.REC_EXCEPTIONS:
-                for r in rec.runs:
-                    append_run(self._runs, r)
-                    used.append((r.new, r.count))
-                    self._committed_chunks += r.count
-            elif rec.kind == fmt.REC_MERGE:
-                for r in rec.runs:
-                    try:
-                        remove_run(self._runs, r)
-                    except ValueError as e:
-                        raise DmError(errno.EIO, f"corrupt log {self.log_path}: record "
-                                      f"{rec.seq}: {e}") from None
-                    self._committed_chunks -= r.count
-            elif rec.kind == fmt.REC_STATE:
-                # not written by version 1 writers; honoured if present
-                self.valid = rec.fields.get("valid", self.valid)
-                self.overflow = rec.fields.get("overflow", self.overflow)
-                self.cow_size = rec.fields.get("cow_size", self.cow_size)
-            else:
-                raise DmError(errno.EIO, f"{self.log_path}: record {rec.seq} has "
-                              f"unsupported type {rec.kind!r}")
-        used = [(r.new, r.count) for r in self._runs]
-        try:
-            self._alloc.rebuild(used)
-        except ValueError as e:
-            raise DmError(errno.EIO, f"corrupt log {self.log_path}: {e}") from None
-        # (not next_free: it may sit one past a skipped metadata chunk)
-        if used and max(s + c for s, c in used) * self.chunk_size > self.cow_size:
-            raise DmError(errno.EIO, f"corrupt log {self.log_path}: exception beyond cow_size")
-        self._seq = len(scan.records)
+        if scan.corrupt is not None:
+            raise DmError(errno.EIO, f"corrupt log {self.log_path}: {scan.corrupt}; "
+                          "refusing to cut acknowledged records (see `dmfs check`)")
+        st = fmt.replay(scan.records, self._hdr)
+        if st.problems:
+            more = f" (and {len(st.problems) - 1} more problems)" if len(st.problems) > 1 else ""
+            raise DmError(errno.EIO, f"corrupt log {self.log_path}: {st.problems[0]}{more}")
+        self._runs = st.runs
+        self._committed_chunks = st.chunks
+        self._alloc = st.alloc
+        self.valid, self.overflow, self.cow_size = st.valid, st.overflow, st.cow_size
+        self._seq = scan.last_seq
         self._log_end = scan.end
-        if scan.stop is not None or len(buf) != scan.end:
-            log.warning("%s: cutting log at %d of %d bytes (%s)", self.log_path,
-                        scan.end, len(buf), scan.stop or "short header area")
-        end, cow_size = scan.end, self.cow_size
+        if scan.torn or len(buf) < fmt.LOG_START:
+            log.warning("%s: cutting torn log tail at %d of %d bytes (%s%s)", self.log_path,
+                        scan.end, len(buf), scan.stop or "short header area",
+                        f"; {len(scan.later)} records of the unfinished commit dropped"
+                        if scan.later else "")
+        end, cow_size, io = scan.end, self.cow_size, self._io
 
         def fix() -> None:
-            # Truncate so garbage never follows the next append; make the
-            # COW file at least cow_size so chunk reads never come up short.
-            if os.fstat(self.log_fd).st_size != end:
-                os.ftruncate(self.log_fd, end)
-                os.fdatasync(self.log_fd)
-            if os.fstat(self.cow_fd).st_size < cow_size:
-                os.ftruncate(self.cow_fd, cow_size)
+            # Truncate so garbage never follows the next append (fsync: the
+            # new size must be durable before anything is appended); make
+            # the COW file at least cow_size so chunk reads never come up short.
+            if io.size(self.log_fd) != end:
+                io.ftruncate(self.log_fd, end)
+                io.fsync(self.log_fd)
+            if io.size(self.cow_fd) < cow_size:
+                io.ftruncate(self.cow_fd, cow_size)
 
         try:
             await trio.to_thread.run_sync(fix)
@@ -521,8 +372,9 @@ class PersistentStore(ExceptionStore):
             return
         self._closing = True
         await self._drain()
-        # header writes hold this lock: none may see its fd closed under it
-        async with self._header_lock:
+        # header writes and log appends hold these locks: none may see its
+        # fd closed under it
+        async with self._log_lock, self._header_lock:
             try:
                 await self._flush()
             finally:
@@ -534,13 +386,13 @@ class PersistentStore(ExceptionStore):
             await self.close()
         except DmError as e:
             log.warning("%s: close before destroy failed: %s", self.base_path, e)
-        await trio.to_thread.run_sync(_unlink_files, [self.cow_path, self.log_path])
+        await trio.to_thread.run_sync(_unlink_files, [self.cow_path, self.log_path], self._io)
 
     def _close_fds(self) -> None:
         self._closing = self._closed = True
         for fd in (self.cow_fd, self.log_fd):
             if fd >= 0:
-                os.close(fd)
+                self._io.close(fd)
         self.cow_fd = self.log_fd = -1
 
     def _check_open(self) -> None:
@@ -614,43 +466,58 @@ class PersistentStore(ExceptionStore):
             finished.set()
 
     async def _commit_batch(self, batch: _Batch) -> None:
-        """One data sync, one append, one log sync for the whole batch."""
+        """One data sync, one append, one log sync for the whole batch.
+
+        The order is the commit protocol of FORMAT.md: fdatasync(.cow) so
+        the copied data is durable, then the records, then fdatasync(.log);
+        only when that returned do the callers (and the origin writes they
+        hold back) go on.
+        """
         runs = [r for p in batch.parts for r in p]
         if not runs:
             return
-        if not self.valid:
-            batch.error = SnapshotInvalid
-            return
-        frames = fmt.encode_exception_records(runs, first_seq=self._seq + 1, seed=self._seed)
-        data = b"".join(frames)
-        cow_fd, log_fd, off = self.cow_fd, self.log_fd, self._log_end
+        async with self._log_lock:
+            if not self.valid:
+                batch.error = SnapshotInvalid
+                return
+            if self._log_end < 0:
+                batch.error = lambda: DmError(errno.EIO, f"{self.log_path} is not writable "
+                                              "after a failed append")
+                return
+            frames = fmt.encode_exception_records(runs, first_seq=self._seq + 1, seed=self._seed,
+                                                  max_runs=fmt.MAX_RUNS_PER_RECORD)
+            data = b"".join(frames)
+            cow_fd, log_fd, off, io = self.cow_fd, self.log_fd, self._log_end, self._io
 
-        def work() -> None:
-            # data before the records that map it (the kernel's PREFLUSH)
-            os.fdatasync(cow_fd)
-            pwrite_all(log_fd, data, off)
-            os.fdatasync(log_fd)
+            def work() -> None:
+                # data before the records that map it (the kernel's PREFLUSH)
+                io.fdatasync(cow_fd)
+                io.pwrite_all(log_fd, data, off)
+                io.fdatasync(log_fd)
 
-        try:
-            await trio.to_thread.run_sync(work)
-        except OSError as e:
-            log.error("%s: commit of %d exceptions failed, invalidating: %s",
-                      self.base_path, len(runs), e)
-            msg = f"commit to {self.log_path} failed: {e}"
-            batch.error = lambda: DmError(errno.EIO, msg)
-            # Nothing may be appended after a possibly torn write; the
-            # store is invalid from here on, so no commit will try.
-            self._log_end = -1
-            self.valid = False
-            await self._persist_header_quietly()
-            return
-        self._log_end = off + len(data)
-        self._seq += len(frames)
+            try:
+                await trio.to_thread.run_sync(work)
+            except OSError as e:
+                log.error("%s: commit of %d exceptions failed, invalidating: %s",
+                          self.base_path, len(runs), e)
+                msg = f"commit to {self.log_path} failed: {e}"
+                batch.error = lambda: DmError(errno.EIO, msg)
+                # Nothing may be appended after a possibly torn write; the
+                # store is invalid from here on, so no commit will try.
+                self._log_end = -1
+                self.valid = False
+                await self._persist_header_quietly()
+                return
+            self._log_end = off + len(data)
+            self._seq += len(frames)
+        chunks = sum(r.count for r in runs)
         self.commits += 1
         self.records += len(frames)
+        self.committed_chunks += chunks
+        self.max_batch = max(self.max_batch, chunks)
         for r in runs:
             append_run(self._runs, r)
-            self._committed_chunks += r.count
+        self._committed_chunks += chunks
         if not self.valid:
             # dropped while we were writing: callers see the failure, as
             # persistent_commit_exception passes ps->valid to callbacks
@@ -679,32 +546,34 @@ class PersistentStore(ExceptionStore):
     async def commit_merge(self, run: ExceptionRun) -> None:
         """Forget `run`: its data is in the origin (the caller flushed it).
 
+        One "m" record, appended and synced (the kernel's commit_merge).
+
         Raises:
           DmError(EIO): the record could not be written.
           ValueError: `run` is not a committed exception.
         """
         self._check_open()
         await self._drain()
-        runs = list(self._runs)
-        remove_run(runs, run)  # validate before writing anything
-        frame = fmt.encode_record(fmt.merge_record(self._seq + 1, [run]), self._seed)
-        log_fd, off = self.log_fd, self._log_end
-        if off < 0:
-            raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed commit")
+        async with self._log_lock:
+            runs = list(self._runs)
+            remove_run(runs, run)  # validate before writing anything
+            log_fd, off, io = self.log_fd, self._log_end, self._io
+            if off < 0:
+                raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed append")
+            frame = fmt.encode_record(fmt.merge_record(self._seq + 1, [run]), self._seed)
 
-        def work() -> None:
-            pwrite_all(log_fd, frame, off)
-            os.fdatasync(log_fd)
+            def work() -> None:
+                io.pwrite_all(log_fd, frame, off)
+                io.fdatasync(log_fd)
 
-        async with self._header_lock:
             try:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(work)
             except OSError as e:
                 self._log_end = -1
                 raise DmError(errno.EIO, f"merge commit to {self.log_path} failed: {e}") from None
-        self._log_end = off + len(frame)
-        self._seq += 1
+            self._log_end = off + len(frame)
+            self._seq += 1
         self.records += 1
         self._runs[:] = runs
         self._committed_chunks -= run.count
@@ -714,13 +583,16 @@ class PersistentStore(ExceptionStore):
 
     async def _persist_header(self, before: Callable[[], None] | None = None,
                               **overrides) -> None:
-        """Write the in-memory state (plus `overrides`) to the older header slot.
+        """Write the in-memory state (plus `overrides`) to both header slots.
 
-        `before` runs first in the same worker thread.  On success the
-        overrides are applied to memory.
+        First the slot not holding the current header (gen + 1), synced:
+        from then on the new state is the durable one.  Then the other slot
+        (gen + 2), synced, so both slots agree and one damaged slot cannot
+        bring the old state back.  `before` runs first in the same worker
+        thread.  Memory follows once the first slot is durable.
 
         Raises:
-          OSError: the write or sync failed (memory unchanged).
+          OSError: the first write or sync failed (memory unchanged).
         """
         async with self._header_lock:
             if self._closed:
@@ -732,17 +604,14 @@ class PersistentStore(ExceptionStore):
             if new.replace(gen=self._hdr.gen) == self._hdr and before is None:
                 return   # already durable
             slot = 1 - self._hdr_slot
-            data = fmt.encode_header(new)
-            log_fd = self.log_fd
+            log_fd, io = self.log_fd, self._io
 
-            def work() -> None:
+            def work() -> tuple[fmt.Header, int]:
                 if before is not None:
                     before()
-                pwrite_all(log_fd, data, slot * fmt.SLOT_SIZE)
-                os.fdatasync(log_fd)
+                return write_header_slots(io, log_fd, new, slot)
 
-            await trio.to_thread.run_sync(work)
-            self._hdr, self._hdr_slot = new, slot
+            self._hdr, self._hdr_slot = await trio.to_thread.run_sync(work)
             for k, v in overrides.items():
                 setattr(self, k, v)
 
@@ -755,7 +624,12 @@ class PersistentStore(ExceptionStore):
                       self.log_path, self.valid, e)
 
     async def drop_snapshot(self) -> None:
-        """Mark invalid in memory at once, then in the header (best effort)."""
+        """Mark invalid in memory at once, then in the header (best effort).
+
+        When this returns, `valid: false` is durable (unless the write
+        failed, which is logged): the caller may then let the origin write
+        that invalidated the snapshot go on.
+        """
         self.valid = False
         if not self._closed:
             await self._persist_header_quietly()
@@ -786,19 +660,19 @@ class PersistentStore(ExceptionStore):
         if cow_size == old:
             await trio.lowlevel.checkpoint()
             return
-        cow_fd = self.cow_fd
+        cow_fd, io = self.cow_fd, self._io
         try:
             if cow_size > old:
                 # The file grows before the header says so; memory follows
                 # only when durable, so allocation never runs ahead of it.
-                await self._persist_header(lambda: os.ftruncate(cow_fd, cow_size),
+                await self._persist_header(lambda: io.ftruncate(cow_fd, cow_size),
                                            cow_size=cow_size, overflow=False)
             else:
                 # Shrink memory first so nothing is allocated above the new
                 # end while the header is being written.
                 self.cow_size = cow_size
                 await self._persist_header()
-                await trio.to_thread.run_sync(os.ftruncate, cow_fd, cow_size)
+                await trio.to_thread.run_sync(io.ftruncate, cow_fd, cow_size)
         except OSError as e:
             raise DmError(errno.EIO, f"cannot resize {self.base_path}: {e}") from None
         log.info("%s: cow_size %d -> %d", self.base_path, old, cow_size)
@@ -828,7 +702,7 @@ class PersistentStore(ExceptionStore):
 
     async def _flush(self) -> None:
         try:
-            await trio.to_thread.run_sync(os.fdatasync, self.cow_fd)
+            await trio.to_thread.run_sync(self._io.fdatasync, self.cow_fd)
         except OSError as e:
             raise DmError(errno.EIO, f"flush of {self.cow_path} failed: {e}") from None
 
@@ -841,6 +715,26 @@ class PersistentStore(ExceptionStore):
         return (self._alloc.next_free * cs, self.cow_size // SECTOR,
                 (current_area + 2) * cs)
 
+    def stats(self) -> dict:
+        """Counters since open, for `user.dmfs.info` and benchmarks.
+
+        commits: group commits (one .cow and one .log sync each);
+        records: log records appended (exception and merge records);
+        committed_chunks: exception chunks those commits carried, so
+          committed_chunks / commits is the average group-commit batch;
+        max_batch: the most chunks one commit carried;
+        exceptions, runs: what the store maps now (chunks, coalesced runs);
+        free_chunks: holes below next_free waiting for reuse;
+        log_bytes: where the next record goes.
+        """
+        return {
+            "commits": self.commits, "records": self.records,
+            "committed_chunks": self.committed_chunks, "max_batch": self.max_batch,
+            "exceptions": self._committed_chunks, "runs": len(self._runs),
+            "next_free": self._alloc.next_free, "free_chunks": self._alloc.free_chunks(),
+            "log_bytes": self._log_end,
+        }
+
     @property
     def next_free(self) -> int:
         """The kernel's next_free: the next never-used chunk."""
@@ -851,13 +745,13 @@ class PersistentStore(ExceptionStore):
         return list(self._alloc.free)
 
 
-def _unlink_files(paths: list[str]) -> None:
+def _unlink_files(paths: list[str], io: FileIO = OS_IO) -> None:
     for p in paths:
         try:
-            os.unlink(p)
+            io.unlink(p)
         except FileNotFoundError:
             pass
     try:
-        fsync_dir(paths[0])
+        io.fsync_dir(paths[0])
     except OSError as e:
         log.warning("cannot fsync directory of %s: %s", paths[0], e)

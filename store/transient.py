@@ -19,7 +19,8 @@ import trio
 from dmfs.errors import DmError, SnapshotInvalid
 
 from .base import SECTOR, ExceptionRun, ExceptionStore
-from .persistent import ChunkAllocator, append_run, check_geometry
+from .chunks import ChunkAllocator, append_run
+from .persistent import check_geometry
 
 log = logging.getLogger(__name__)
 

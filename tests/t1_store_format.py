@@ -113,12 +113,131 @@ def test_frame_of_another_store_is_not_accepted():
     assert scan.stop == "checksum mismatch"
 
 
-def test_sequence_gap_ends_log():
+def test_sequence_gap_is_corruption():
+    # record 2 is missing although record 3 (a later commit) is there
     f1 = fmt.encode_record(fmt.exception_record(1, [ExceptionRun(1, 2)]), SEED)
     f3 = fmt.encode_record(fmt.exception_record(3, [ExceptionRun(2, 3)]), SEED)
     scan = fmt.scan_log(log_with([f1, f3]), seed=SEED)
     assert len(scan.records) == 1 and "sequence" in scan.stop
     assert scan.end == fmt.LOG_START + len(f1)
+    assert scan.corrupt and "seq 3" in scan.corrupt and not scan.torn
+
+
+def commits(n, runs_per_commit=1, max_runs=1):
+    """Frames of `n` commits; commit k maps origin chunks 10k.. to COW 2+10k..."""
+    frames, seq = [], 1
+    for k in range(n):
+        runs = [ExceptionRun(10 * k + i, 2 + 10 * k + i) for i in range(runs_per_commit)]
+        fs = fmt.encode_exception_records(runs, first_seq=seq, seed=SEED, max_runs=max_runs)
+        frames.append(fs)
+        seq += len(fs)
+    return frames
+
+
+def test_batch_field_only_on_follow_up_records():
+    (batch,) = commits(1, runs_per_commit=3)
+    bodies = [msgpack.unpackb(f[fmt.FRAME.size:]) for f in batch]
+    assert [b.get("b") for b in bodies] == [None, 1, 1]
+    assert all(next(iter(b)) == "seq" for b in bodies)
+    scan = fmt.scan_log(log_with(batch), seed=SEED)
+    assert [(r.seq, r.batch) for r in scan.records] == [(1, 1), (2, 1), (3, 1)]
+
+
+@pytest.mark.parametrize("damage", ["payload", "checksum", "length", "zero sector"])
+def test_torn_multi_record_commit_is_cut_not_corrupt(damage):
+    # the last commit wrote 3 records; its first one did not reach the disk
+    # whole (a power cut between its sectors), the other two did
+    done = b"".join(commits(1)[0])
+    last = fmt.encode_exception_records([ExceptionRun(50 + i, 60 + i) for i in range(3)],
+                                        first_seq=2, seed=SEED, max_runs=1)
+    buf = bytearray(log_with([done] + last))
+    at = fmt.LOG_START + len(done)
+    damage_frame(buf, at, damage)
+    scan = fmt.scan_log(bytes(buf), seed=SEED)
+    assert [r.seq for r in scan.records] == [1]
+    assert scan.end == at and scan.torn and scan.corrupt is None
+    assert [r.seq for _, r in scan.later] == [3, 4]
+
+
+def damage_frame(buf, at, how):
+    if how == "payload":
+        buf[at + fmt.FRAME.size + 6] ^= 0x04
+    elif how == "checksum":
+        buf[at + 5] ^= 0x80
+    elif how == "length":
+        buf[at + 1] ^= 0x01          # length grows by 256: reaches into the next frame
+    elif how == "zero sector":
+        buf[at:at + 20] = bytes(20)
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("damage", ["payload", "checksum", "length", "zero sector"])
+@pytest.mark.parametrize("victim", [0, 1, 3])
+def test_damage_before_a_later_commit_is_corruption(damage, victim):
+    frames = [f for c in commits(5) for f in c]
+    buf = bytearray(log_with(frames))
+    at = fmt.LOG_START + sum(len(f) for f in frames[:victim])
+    damage_frame(buf, at, damage)
+    scan = fmt.scan_log(bytes(buf), seed=SEED)
+    assert [r.seq for r in scan.records] == list(range(1, victim + 1))
+    assert scan.end == at and not scan.torn
+    assert scan.corrupt is not None
+    assert f"offset {at}" in scan.corrupt and f"seq {victim + 1} expected" in scan.corrupt
+    assert [r.seq for _, r in scan.later] == list(range(victim + 2, 6))
+
+
+def test_damage_in_the_last_commit_is_a_torn_tail():
+    # indistinguishable from a torn append: the best a reader can do is cut
+    frames = [f for c in commits(3) for f in c]
+    buf = bytearray(log_with(frames))
+    at = fmt.LOG_START + len(frames[0]) + len(frames[1])
+    damage_frame(buf, at, "payload")
+    scan = fmt.scan_log(bytes(buf), seed=SEED)
+    assert [r.seq for r in scan.records] == [1, 2] and scan.torn
+
+
+def test_find_frames_skips_lookalikes():
+    frames = [f for c in commits(3) for f in c]
+    junk = b"\x83\xa3seq" * 50 + os.urandom(300)
+    buf = log_with([frames[0]]) + junk + frames[1] + frames[2]
+    scan = fmt.scan_log(buf, seed=SEED)
+    assert [r.seq for r in scan.records] == [1]
+    assert [r.seq for _, r in scan.later] == [2, 3] and scan.corrupt
+
+
+def test_replay_applies_merges_and_state():
+    recs = [fmt.decode_record(fmt.exception_record(1, [ExceptionRun(5, 2, 3)])),
+            fmt.decode_record(fmt.exception_record(2, [ExceptionRun(8, 5)])),
+            fmt.decode_record(fmt.merge_record(3, [ExceptionRun(8, 5)])),
+            fmt.decode_record(fmt.merge_record(4, [ExceptionRun(7, 4)])),
+            fmt.decode_record(fmt.state_record(5, valid=False, overflow=True, cow_size=1 << 29))]
+    st = fmt.replay(recs, header())
+    assert st.problems == []
+    assert st.runs == [ExceptionRun(5, 2, 2)] and st.chunks == 2
+    assert (st.valid, st.overflow, st.cow_size) == (False, True, 1 << 29)
+    assert st.alloc.next_free == 4 and st.alloc.free == []
+
+
+@pytest.mark.parametrize("runs,match", [
+    ([ExceptionRun(5, 2, 3), ExceptionRun(6, 9)], "origin chunk 6 is mapped twice"),
+    ([ExceptionRun(5, 2, 3), ExceptionRun(20, 4)], "COW chunk 4 is used twice"),
+    ([ExceptionRun(5, 1)], "reserved COW chunk 1"),
+    ([ExceptionRun(5, 250, 10)], "metadata chunk 258"),
+    ([ExceptionRun(5, (1 << 30) // 4096 - 1, 2)], "past cow_size"),
+])
+def test_replay_reports_inconsistent_runs(runs, match):
+    recs = [fmt.decode_record(fmt.exception_record(i + 1, [r])) for i, r in enumerate(runs)]
+    st = fmt.replay(recs, header())
+    assert st.alloc is None
+    assert any(match in p for p in st.problems), st.problems
+
+
+def test_replay_reports_merge_of_unmapped_run():
+    recs = [fmt.decode_record(fmt.exception_record(1, [ExceptionRun(5, 2)])),
+            fmt.decode_record(fmt.merge_record(2, [ExceptionRun(6, 3)]))]
+    st = fmt.replay(recs, header())
+    assert st.problems and "record 2" in st.problems[0]
 
 
 def test_checksummed_but_malformed_record_is_an_error():

@@ -387,21 +387,46 @@ async def test_drop_snapshot_persists(base):
     await s.close()
 
 
-async def test_corrupt_newest_header_slot_falls_back(base):
-    s = await make(base)                   # slot A, gen 1
-    await s.drop_snapshot()                # slot B, gen 2, valid False
+async def test_corrupt_header_slot_falls_back_to_the_mirror(base):
+    s = await make(base)                   # A gen 1, B gen 2
+    await s.drop_snapshot()                # A gen 3, then B gen 4: both say invalid
     await s.close()
+    for slot in (0, 1):
+        with open(base + ".log", "r+b") as f:
+            area = bytearray(f.read(fmt.HEADER_AREA))
+            bad = bytearray(area)
+            bad[slot * fmt.SLOT_SIZE + 20] ^= 0x10
+            f.seek(0)
+            f.write(bad)
+        s = await PersistentStore.open(base)
+        # a damaged slot never brings the old (valid) state back
+        assert not s.valid and s.status_params() == "Invalid"
+        await s.close()
+        with open(base + ".log", "r+b") as f:
+            f.write(area)
+
+
+async def test_torn_first_slot_write_keeps_old_state(base):
+    s = await make(base)
+    await s.close()
+    # a header update that died while writing its first slot (A, gen 3)
     with open(base + ".log", "r+b") as f:
-        f.seek(fmt.SLOT_SIZE + 20)
-        f.write(b"\x00\x01\x02")
+        hdr, slot = fmt.pick_header(f.read(fmt.HEADER_AREA))
+        assert (slot, hdr.gen) == (1, 2)
+        torn = fmt.encode_header(hdr.replace(gen=3, valid=False))[:40]
+        f.seek(0)
+        f.write(torn)
     s = await PersistentStore.open(base)
-    assert s.valid                         # slot A's state
-    # the next header write goes over the broken slot, and wins
+    assert s.valid
+    # the next header write goes over the broken slot first, and wins
     await s.set_overflow()
     await s.close()
     with open(base + ".log", "rb") as f:
-        hdr, slot = fmt.pick_header(f.read(fmt.HEADER_AREA))
-    assert (slot, hdr.gen, hdr.overflow, hdr.valid) == (1, 2, True, True)
+        area = f.read(fmt.HEADER_AREA)
+    a, b = fmt.decode_header(area[:512]), fmt.decode_header(area[512:1024])
+    assert (a.gen, b.gen) == (3, 4)
+    assert a.replace(gen=0) == b.replace(gen=0)
+    assert (b.overflow, b.valid) == (True, True)
 
 
 async def test_header_alternates_slots(base):
@@ -413,8 +438,9 @@ async def test_header_alternates_slots(base):
         area = f.read(fmt.HEADER_AREA)
     a = fmt.decode_header(area[:512])
     b = fmt.decode_header(area[512:1024])
-    assert {a.gen, b.gen} == {5, 6}
-    assert max(a, b, key=lambda h: h.gen).cow_size == G1 + 5 * K4
+    # create writes gens 1 and 2; every update writes two more
+    assert {a.gen, b.gen} == {11, 12}
+    assert a.cow_size == b.cow_size == G1 + 5 * K4
 
 
 async def test_overflow_status_and_persistence(base):
@@ -526,4 +552,97 @@ async def test_close_waits_for_commits_in_flight(base):
     s = await PersistentStore.open(base)
     got = {(r.old + k, r.new + k) for r in s.exceptions() for k in range(r.count)}
     assert got == {(r.old, r.new) for r in runs}
+    await s.close()
+
+
+# -- damage in the middle of the log ---------------------------------------------
+
+async def test_corrupt_record_in_the_middle_refuses_open_and_changes_nothing(base):
+    s = await make(base)
+    offsets = []
+    for i in range(5):
+        offsets.append(os.path.getsize(base + ".log"))
+        await commit_one(s, 10 * i)
+    await s.close()
+    with open(base + ".log", "r+b") as f:
+        f.seek(offsets[2] + fmt.FRAME.size + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x20]))
+    before = open(base + ".log", "rb").read()
+    with pytest.raises(DmError) as ei:
+        await PersistentStore.open(base)
+    assert ei.value.errno == errno.EIO
+    msg = str(ei.value)
+    assert "corrupt log" in msg and f"offset {offsets[2]}" in msg and "seq 3 expected" in msg
+    assert "up to seq 5" in msg
+    # nothing was cut: the good records after the damage are still there
+    assert open(base + ".log", "rb").read() == before
+
+
+async def test_origin_chunk_mapped_twice_refuses_open(base):
+    s = await make(base)
+    await commit_one(s, 7)
+    await s.close()
+    append_records(base, [[ExceptionRun(7, 9)]])
+    with pytest.raises(DmError, match="origin chunk 7 is mapped twice") as ei:
+        await PersistentStore.open(base)
+    assert ei.value.errno == errno.EIO
+
+
+async def test_torn_rest_of_a_multi_record_commit_is_cut(base, monkeypatch):
+    monkeypatch.setattr(fmt, "MAX_RUNS_PER_RECORD", 2)
+    s = await make(base)
+    await commit_one(s, 100)
+    end = os.path.getsize(base + ".log")
+    runs = [ExceptionRun(2 * i, s.prepare_exception().new) for i in range(6)]
+    await s.commit_exceptions(runs)     # one commit, three records
+    assert s.stats()["records"] == 4 and s.stats()["commits"] == 2
+    await s.close()
+    # power cut: the commit's first record did not reach the disk whole
+    with open(base + ".log", "r+b") as f:
+        f.seek(end + fmt.FRAME.size + 1)
+        f.write(b"\0\0\0")
+    s = await PersistentStore.open(base)
+    assert list(s.exceptions()) == [ExceptionRun(100, 2)]
+    assert os.path.getsize(base + ".log") == end
+    assert s.free_chunks() == [] and s.next_free == 3     # the rest reclaimed
+    await s.close()
+
+
+async def test_stats_count_batches(base):
+    s = await make(base)
+    runs = [ExceptionRun(i, s.prepare_exception().new) for i in range(40)]
+    async with trio.open_nursery() as n:
+        for r in runs:
+            n.start_soon(s.commit_exceptions, [r])
+    st = s.stats()
+    assert st["committed_chunks"] == st["exceptions"] == 40
+    assert st["commits"] == s.commits and 1 <= st["commits"] < 40
+    assert st["max_batch"] >= 40 / st["commits"]
+    assert 1 <= st["runs"] <= 40 and st["next_free"] == 42 and st["free_chunks"] == 0
+    await s.close()
+
+
+async def test_merge_and_commit_appends_do_not_interleave(base):
+    s = await make(base)
+    runs = [await commit_one(s, 1000 + 10 * i) for i in range(30)]
+
+    async def merges():
+        for r in reversed(runs[10:]):
+            await s.commit_merge(r)
+
+    async def commits(first):
+        for i in range(40):
+            await commit_one(s, first + 3 * i)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(merges)
+        n.start_soon(commits, 5000)
+        n.start_soon(commits, 9000)
+    want = {(x.old + k, x.new + k) for x in s.exceptions() for k in range(x.count)}
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert {(x.old + k, x.new + k) for x in s.exceptions() for k in range(x.count)} == want
+    assert len(want) == 10 + 80
     await s.close()

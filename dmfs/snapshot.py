@@ -216,7 +216,14 @@ class Snapshot(Volume):
         self.valid = store is not None and store.valid
         self.active = False
         self.merging = False
-        self.invalid_reason = "" if self.valid else "store could not be opened"
+        if store is None:
+            self.invalid_reason = "store could not be opened"
+        else:
+            self.invalid_reason = "" if self.valid else "marked invalid in its header"
+        # Clear while the invalid flag is being persisted: origin writes
+        # that needed this snapshot wait for it before their chunk changes.
+        self.invalid_durable = trio.Event()
+        self.invalid_durable.set()
         if store is not None:
             self.chunk_size = store.chunk_size
             self.complete = ExceptionTable.from_runs((r.old, r.new, r.count) for r in store.exceptions())
@@ -253,6 +260,7 @@ class Snapshot(Volume):
         self.invalid_reason = reason
         log.error("snapshot %s invalidated: %s", self.name, reason)
         if self.store is not None:
+            self.invalid_durable = trio.Event()
             self.origin.nursery.start_soon(self._persist_invalid)
 
     async def _persist_invalid(self) -> None:
@@ -266,6 +274,8 @@ class Snapshot(Volume):
             await self.origin.pool.save_origin(self.origin)
         except Exception as e:
             log.error("snapshot %s: could not persist the invalid flag in the pool: %s", self.name, e)
+        finally:
+            self.invalid_durable.set()
 
     # -- pending exceptions ----------------------------------------------------
 
@@ -317,6 +327,11 @@ class Snapshot(Volume):
                 await self.tracked.wait_clear(pe.old, pe.count)
         elif error is None:
             error = errno.EIO
+        if not self.valid:
+            # dm's __invalidate_snapshot writes the header before the held
+            # origin writes are retried: the chunk must not change while a
+            # crash could still bring this snapshot back as valid.
+            await self.invalid_durable.wait()
         for pe in pes:
             for c in range(pe.old, pe.old + pe.count):
                 if self.pending.get(c) is pe:
@@ -338,6 +353,7 @@ class Snapshot(Volume):
             "store": self.config.store, "data_percent": data_percent,
             "state": self.state(), "readonly": self.readonly,
             "exceptions": len(self.complete), "pending": len(self.pending),
+            "store_stats": self.store.stats() if self.store is not None else None,
         }
 
     def state(self) -> str:
@@ -608,6 +624,12 @@ class Origin(Volume):
             waits.extend(new)
         return waits
 
+    async def wait_invalidations(self) -> None:
+        """Wait until every invalidation of a snapshot of this origin is durable."""
+        for s in self.snapshots:
+            if not s.invalid_durable.is_set():
+                await s.invalid_durable.wait()
+
     def start_copy_job(self, pes: list[PendingException]) -> None:
         """Start kcopyd jobs for new pending exceptions: one per origin range,
         written to every snapshot that needs exactly that range."""
@@ -719,6 +741,7 @@ class OriginTarget(Target):
             await wb.wait_clear(req.offset, req.end)
         elif req.op is Op.WRITE and (o.snapshots or wb.entries):
             waits = o.start_cow(req.offset, req.end)
+            await o.wait_invalidations()
             deps = wb.overlapping(req.offset, req.end)
             if (waits or deps) and wb.enabled and not req.flags & Flags.FUA:
                 # Acknowledge now, apply once the copy-outs are committed.
@@ -734,6 +757,7 @@ class OriginTarget(Target):
                 for pe in waits:
                     await pe.wait()
                 waits = o.start_cow(req.offset, req.end)
+                await o.wait_invalidations()
         # Reads are not split; a write whose chunks are all copied is one
         # piece (its per-chunk clones would all map to the same place).
         c = req.clone(req.offset, req.length).remap(o.fd, req.offset)

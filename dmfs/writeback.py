@@ -138,6 +138,7 @@ class WritebackCache:
                 for pe in waits:
                     await pe.wait()
                 waits = o.start_cow(e.start, e.end)
+            await o.wait_invalidations()
             await run_io(_pwrite_all, o.fd, e.data, e.start, size=e.end - e.start)
         except OSError as err:
             log.error("%s: cached write of %d bytes at %d failed: %s", o.filename, e.end - e.start, e.start, err)

@@ -8,10 +8,12 @@ covers the whole volume, so the table *is* the target.
 
 from __future__ import annotations
 
+import abc
+
 from .request import Request
 
 
-class Target:
+class Target(abc.ABC):
     """Base class of `OriginTarget`, `SnapshotTarget` (and later `MergeTarget`).
 
     Subclasses implement `map`.  `map` may wait (a request queued behind a
@@ -23,8 +25,9 @@ class Target:
 
     name = "target"
 
+    @abc.abstractmethod
     async def map(self, req: Request) -> list[Request]:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Map `req`: return its sealed, remapped clones (may wait first)."""
 
     async def end_io(self, req: Request) -> None:
         """Called once the clones' I/O finished; `req.error` holds the first error."""

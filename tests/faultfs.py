@@ -560,14 +560,9 @@ def _serve(backing: str, mnt: str) -> None:
 
 
 def _mount_type(mnt) -> str | None:
-    target = os.path.realpath(mnt)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4].replace("\\040", " ") == target:
-                found = right.split()[0]
-    return found
+    # Imported late: faultfs also runs as a standalone daemon script.
+    import util
+    return util.mount_type(mnt)
 
 
 class FaultFS:
@@ -830,3 +825,29 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: faultfs.py BACKING_DIR MNT")
     _serve(sys.argv[1], sys.argv[2])
+
+
+def env_fixture(tmp_path):
+    """Body of the `env` fixtures: dmfs on faultfs; at teardown no fault
+    survives, the daemon must still serve and unmount cleanly (exit code
+    `Env.expect_rc`, no traceback)."""
+    import pytest
+    import util
+    reason = util.fuse_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    fp = FaultPool(tmp_path)
+    try:
+        fp.start()
+        e = Env(fp)
+        yield e
+        fp.ffs.clear()
+        if e.expect_rc is not None:
+            e.alive()
+            rc = fp.stop()
+            log = fp.daemon.log()
+            assert rc == e.expect_rc, f"dmfs exited {rc}\n{log}"
+            assert "Traceback" not in log, log
+            assert util.mount_type(fp.mnt) is None
+    finally:
+        fp.close()

@@ -76,23 +76,8 @@ def snapshot(vm, spec):
 
 @pytest.fixture
 def fenv(tmp_path):
-    """dmfs on faultfs (see t5_faults.Env); teardown requires a clean exit."""
-    reason = util.fuse_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    fp = faultfs.FaultPool(tmp_path)
-    try:
-        fp.start()
-        e = Env(fp)
-        yield e
-        fp.ffs.clear()
-        if e.expect_rc is not None:
-            e.alive()
-            rc = fp.stop()
-            assert rc == e.expect_rc, f"dmfs exited {rc}\n{fp.daemon.log()}"
-            assert "Traceback" not in fp.daemon.log(), fp.daemon.log()
-    finally:
-        fp.close()
+    """dmfs on faultfs (see faultfs.env_fixture)."""
+    yield from faultfs.env_fixture(tmp_path)
 
 
 def _workload(vm_path, snap_paths, size, rng):

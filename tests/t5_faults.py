@@ -34,26 +34,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 @pytest.fixture
 def env(tmp_path):
-    reason = util.fuse_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    fp = faultfs.FaultPool(tmp_path)
-    try:
-        fp.start()
-        e = Env(fp)
-        yield e
-        # No fault survives the test; the daemon must still be serving and
-        # must unmount cleanly (exit 0, no traceback).
-        fp.ffs.clear()
-        if e.expect_rc is not None:
-            e.alive()
-            rc = fp.stop()
-            log = fp.daemon.log()
-            assert rc == e.expect_rc, f"dmfs exited {rc}\n{log}"
-            assert "Traceback" not in log, log
-            assert util.mount_type(fp.mnt) is None
-    finally:
-        fp.close()
+    yield from faultfs.env_fixture(tmp_path)
 
 
 # -- faultfs itself ---------------------------------------------------------------------

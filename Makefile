@@ -6,6 +6,8 @@
 #                (PYTEST_ARGS='-k ext4 -x' to select; DMFS_SLOW=1 for the longer variants)
 #   make bench   passthrough vs dmfs (vs qemu-storage-daemon if installed), bench/README.md
 #                (BENCH_ARGS='--quick' for a short run)
+#   make bench-scale  mount seconds and RSS per exception of a snapshot with 1M exceptions
+#                (SCALE_ARGS='--exceptions 100000 --runs 1' for a short run), bench/README.md
 #   make clean   remove .venv and caches (never ./pool)
 #
 # Everything that needs root (apt, mount, losetup) expects to run as root.
@@ -17,6 +19,7 @@ POOL    := pool
 MNT     := mnt
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SCALE_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr e2fsprogs fio util-linux \
                 python3-venv gcc python3-dev systemd
@@ -25,7 +28,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr e2fsprogs fio util-linux \
 # (findmnt reads /proc/self/mountinfo, so a hung daemon cannot block it).
 IS_DMFS_MOUNT = findmnt -rn -t fuse.dmfs --mountpoint "$(abspath $(MNT))" >/dev/null 2>&1
 
-.PHONY: deps apt-deps run stop test bench clean hints
+.PHONY: deps apt-deps run stop test bench bench-scale clean hints
 
 deps: apt-deps $(VENV)/.stamp
 
@@ -81,6 +84,9 @@ test: deps
 
 bench: deps
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+bench-scale: deps
+	$(VENV)/bin/python bench/scale.py $(SCALE_ARGS)
 
 clean:
 	@if $(IS_DMFS_MOUNT); then echo "$(MNT) is still mounted; run 'make stop' first" >&2; exit 1; fi

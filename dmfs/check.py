@@ -37,6 +37,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from operator import add
 from typing import TextIO
 
 from store import format as fmt
@@ -293,7 +294,7 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
     batches = {}
     for r in scan.records:
         if r.kind == fmt.REC_EXCEPTIONS:
-            batches[r.batch] = batches.get(r.batch, 0) + sum(x.count for x in r.runs)
+            batches[r.batch] = batches.get(r.batch, 0) + sum(r.runs[2::3])
     per = (f"; {len(batches)} commits, {sum(batches.values()) / len(batches):.1f} exceptions per "
            f"commit (max {max(batches.values())})") if batches else ""
     seqs = f"seq 1..{scan.last_seq}" if scan.records else "empty"
@@ -336,13 +337,13 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
         return
     alloc = st.alloc
     holes = alloc.free_chunks()
-    report.info(subject, f"{st.chunks} exceptions in {len(st.runs)} runs; next_free {alloc.next_free} "
+    report.info(subject, f"{st.chunks} exceptions in {len(st.runs) // 3} runs; next_free {alloc.next_free} "
                 f"of {st.cow_size // hdr.chunk_size} chunks")
     if holes:
         report.info(subject, f"{holes} chunks below next_free are free (left by a crash or a merge; "
                     "reused on next mount)")
     if cow_size_on_disk is not None:
-        top = max((r.new + r.count for r in st.runs), default=0) * hdr.chunk_size
+        top = max(map(add, st.runs[1::3], st.runs[2::3]), default=0) * hdr.chunk_size
         if cow_size_on_disk < top:
             report.error(subject, f".cow is {cow_size_on_disk} bytes but mapped chunks reach byte {top}: "
                          "their data is lost")

@@ -15,7 +15,11 @@ runs are stored as one entry per bucket they cover).
 from __future__ import annotations
 
 from array import array
-from typing import Iterator
+from bisect import bisect_left
+from itertools import chain
+from typing import Iterable, Iterator
+
+from store.chunks import sort_by_origin
 
 # 16384 chunks a bucket: a million scattered exceptions fill ~60 per bucket,
 # so the per-bucket overhead (array header, dict slot) is ~2 bytes each.
@@ -39,53 +43,50 @@ class ExceptionTable:
         self._chunks = 0
 
     @classmethod
-    def from_runs(cls, runs) -> ExceptionTable:
-        """Build the table from committed runs (any order) in one pass.
-
-        This is the mount path: a million exceptions load in about a second,
-        where inserting them one by one would take several.
+    def from_runs(cls, runs: Iterable[tuple[int, int, int]]) -> ExceptionTable:
+        """Build the table from runs (old, new, count) in any order.
 
         Raises:
           ValueError: two runs overlap (two exceptions for one chunk).
         """
+        return cls.from_sorted(sort_by_origin(array("q", chain.from_iterable(runs))))
+
+    @classmethod
+    def from_sorted(cls, runs: array) -> ExceptionTable:
+        """Build the table from flat (old, new, count) triples sorted by
+        old, disjoint, runs that continue each other merged: what a store
+        hands over (`ExceptionStore.exceptions()`, made by
+        `store.chunks.sort_by_origin`).  That is not checked again.
+
+        This is the mount path.  A bucket is one slice of `runs` (found by
+        bisection), and only a run reaching into the next bucket is cut,
+        so a million exceptions load in C loops, not in a Python loop
+        per run.
+        """
         t = cls()
-        buckets = t._buckets
-        shift = BUCKET_SHIFT
-        cur_b = -1
-        cur: list[int] = []
-        prev_end = -1
-        chunks = 0
-        for old, new, n in sorted(runs):
-            if old < prev_end:
-                raise ValueError(f"chunk {old} has two exceptions")
-            end = old + n
-            prev_end = end
-            chunks += n
-            b = old >> shift
-            if b == cur_b and (end - 1) >> shift == b:
-                # The common case: the run stays in the current bucket.
-                if cur[-3] + cur[-1] == old and cur[-2] + cur[-1] == new:
-                    cur[-1] += n
-                else:
-                    cur += (old, new, n)
-                continue
-            while n > 0:
-                b = old >> BUCKET_SHIFT
-                k = min(n, ((b + 1) << BUCKET_SHIFT) - old)
-                if b != cur_b:
-                    if cur:
-                        buckets[cur_b] = array("q", cur)
-                    cur_b, cur = b, [old, new, k]
-                elif cur[-3] + cur[-1] == old and cur[-2] + cur[-1] == new:
-                    cur[-1] += k
-                else:
-                    cur += (old, new, k)
-                old += k
-                new += k
-                n -= k
-        if cur:
-            t._buckets[cur_b] = array("q", cur)
-        t._chunks = chunks
+        # Strided views, not copies: a copy would be freed after the
+        # buckets were made around it, a hole in the heap that stays.
+        view = memoryview(runs)
+        olds = view[0::3]
+        n = len(olds)
+        i = 0
+        carry = None   # the part of the last run that reaches into the next bucket
+        while i < n or carry is not None:
+            bno = (olds[i] if carry is None else carry[0]) >> BUCKET_SHIFT
+            bend = (bno + 1) << BUCKET_SHIFT
+            j = bisect_left(olds, bend, i)
+            b = runs[3 * i:3 * j]
+            if carry is not None:
+                b[0:0] = array("q", carry)
+                carry = None
+            end = b[-3] + b[-1]
+            if end > bend:
+                cut = bend - b[-3]
+                carry = (bend, b[-2] + cut, end - bend)
+                b[-1] = cut
+            t._buckets[bno] = b
+            i = j
+        t._chunks = sum(view[2::3])
         return t
 
     def __len__(self) -> int:

@@ -226,7 +226,7 @@ class Snapshot(Volume):
         self.invalid_durable.set()
         if store is not None:
             self.chunk_size = store.chunk_size
-            self.complete = ExceptionTable.from_runs((r.old, r.new, r.count) for r in store.exceptions())
+            self.complete = ExceptionTable.from_sorted(store.exceptions())
         else:
             self.chunk_size = 0
         self.device = MappedDevice(self.name, SnapshotTarget(self, readonly=config.readonly))

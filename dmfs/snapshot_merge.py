@@ -146,7 +146,7 @@ class Merge:
             self._fail("snapshot is invalid: can't merge")
             return False
         try:
-            run = s.store.prepare_merge(max(1, MERGE_JOB_BYTES // cs))
+            run = await s.store.prepare_merge(max(1, MERGE_JOB_BYTES // cs))
         except DmError as e:
             self._fail(str(e))
             return False

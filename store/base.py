@@ -20,13 +20,18 @@ Invariants every implementation keeps:
     and the records mapping them are durable (persistent stores) — the
     data is synced before the record that maps it is written;
   * `exceptions()` after `open` yields exactly the committed mappings.
+
+A store keeps no list of its exceptions beyond what it needs to hand out
+and take back chunks: it hands them to the core once, at open, and the
+core's table is then the only copy (at a million exceptions a second
+copy would double the memory).
 """
 
 from __future__ import annotations
 
 import abc
+from array import array
 from dataclasses import dataclass
-from typing import Iterable
 
 SECTOR = 512
 
@@ -87,8 +92,16 @@ class ExceptionStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def exceptions(self) -> Iterable[ExceptionRun]:
-        """The committed exceptions, as runs (valid after create/open)."""
+    def exceptions(self) -> array:
+        """Hand over the exceptions committed when the store was opened
+        (none for a new store).  Called once, by the core, which builds
+        its table from them.
+
+        Returns:
+          Flat (old, new, count) triples in an array('q'), sorted by old
+          chunk, disjoint, runs that continue each other (old and new)
+          merged.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -129,11 +142,12 @@ class ExceptionStore(abc.ABC):
 
     # -- merge -----------------------------------------------------------
 
-    def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
+    async def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
         """The last committed run (at most `max_chunks` chunks of it), or None.
 
         Merging runs from the end of the log backwards, so a run is always
-        taken off the end (dm's prepare_merge).
+        taken off the end (dm's prepare_merge).  The first call may take a
+        while: the store lists its exceptions in log order only for a merge.
 
         Raises:
           DmError(EINVAL): this store cannot merge (transient).

@@ -1,14 +1,27 @@
 """Chunk bookkeeping shared by the stores, the log replay and `dmfs check`.
 
-Pure code, no I/O: exception runs (`append_run`, `remove_run`), the
-kernel's chunk numbering (header chunk, metadata "area" chunks) and
-`ChunkAllocator`, which hands out COW chunks like dm-snap-persistent.c
-and keeps a free list of holes below `next_free`.
+Pure code, no I/O: exception runs, the kernel's chunk numbering (header
+chunk, metadata "area" chunks), `ChunkAllocator`, which hands out COW
+chunks like dm-snap-persistent.c and keeps a free list of holes below
+`next_free`, and `check_layout`, which checks the runs a log replays to and
+rebuilds the allocator from them.
+
+Runs in bulk (a log's worth) are kept flat: an `array('q')` of
+(old, new, count) triples, 24 bytes a run.  A million runs as Python
+objects would cost ten times that, and every pass over them here is a C
+loop (map, sorted, array slices): Python bytecode per run would make
+opening a store of a million exceptions take many seconds.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import add, itemgetter, mul, sub
 from typing import Iterable
 
 from dmfs.errors import StoreFull
@@ -16,36 +29,115 @@ from dmfs.errors import StoreFull
 from .base import ExceptionRun
 
 
-def append_run(runs: list[ExceptionRun], r: ExceptionRun) -> None:
-    """Append `r`, merging it into the last run when both old and new continue it."""
-    if runs:
-        last = runs[-1]
-        if last.old + last.count == r.old and last.new + last.count == r.new:
-            runs[-1] = ExceptionRun(last.old, last.new, last.count + r.count)
-            return
-    runs.append(r)
+def coalesce(runs: Iterable[ExceptionRun]) -> list[ExceptionRun]:
+    """`runs` in the same order, each run merged into the one before it
+    when both old and new continue it."""
+    out: list[ExceptionRun] = []
+    for r in runs:
+        if out:
+            last = out[-1]
+            if last.old + last.count == r.old and last.new + last.count == r.new:
+                out[-1] = ExceptionRun(last.old, last.new, last.count + r.count)
+                continue
+        out.append(r)
+    return out
 
 
-def remove_run(runs: list[ExceptionRun], r: ExceptionRun) -> None:
-    """Take `r` out of `runs` (it must lie inside one run; merges take
-    runs off the end, so search from there).
+def extend_runs(runs: array, more: array) -> None:
+    """Append the flat runs `more` to `runs`, merging the first into the
+    last of `runs` when it continues it (old and new)."""
+    if runs and more and runs[-3] + runs[-1] == more[0] and runs[-2] + runs[-1] == more[1]:
+        runs[-1] += more[2]
+        more = more[3:]
+    runs.extend(more)
+
+
+def find_run(runs: array, old: int, new: int, count: int) -> tuple[int, int, array]:
+    """Where chunks old..old+count-1, mapped to new.., are in the flat runs.
+
+    They must be exactly mapped by consecutive runs that continue each
+    other (one run once coalesced).  Merges take runs off the end, so the
+    search starts there.
+
+    Returns:
+      (i, j, pieces): `runs[i:j] = pieces` takes the chunks out.
 
     Raises:
-      ValueError: `r` is not exactly mapped by one of `runs`.
+      ValueError: the chunks are not mapped that way.
     """
-    for i in range(len(runs) - 1, -1, -1):
-        cur = runs[i]
-        if cur.old <= r.old and r.old + r.count <= cur.old + cur.count \
-                and cur.new + (r.old - cur.old) == r.new:
-            pieces = []
-            if cur.old < r.old:
-                pieces.append(ExceptionRun(cur.old, cur.new, r.old - cur.old))
-            tail = cur.old + cur.count - (r.old + r.count)
-            if tail:
-                pieces.append(ExceptionRun(r.old + r.count, r.new + r.count, tail))
-            runs[i:i + 1] = pieces
-            return
-    raise ValueError(f"{r} is not a committed exception")
+    end = old + count
+    for i in range(len(runs) - 3, -1, -3):
+        o, n, c = runs[i], runs[i + 1], runs[i + 2]
+        if o <= old < o + c and n + (old - o) == new:
+            j = i
+            while runs[j] + runs[j + 2] < end:
+                k = j + 3
+                if k >= len(runs) or runs[k] != runs[j] + runs[j + 2] \
+                        or runs[k + 1] != runs[j + 1] + runs[j + 2]:
+                    break
+                j = k
+            last_end = runs[j] + runs[j + 2]
+            if last_end >= end:
+                pieces = array("q")
+                if o < old:
+                    pieces += array("q", (o, n, old - o))
+                if last_end > end:
+                    pieces += array("q", (end, new + count, last_end - end))
+                return i, j + 3, pieces
+            break
+    raise ValueError(f"run {old}+{count} -> {new} is not a committed exception")
+
+
+def remove_run(runs: array, old: int, new: int, count: int) -> None:
+    """Take chunks old..old+count-1, mapped to new.., out of the flat runs
+    (see `find_run`).
+
+    Raises:
+      ValueError: they are not mapped that way.
+    """
+    i, j, pieces = find_run(runs, old, new, count)
+    runs[i:j] = pieces
+
+
+def sort_by_origin(runs: array) -> array:
+    """The flat runs sorted by origin chunk, runs that continue each other
+    (old and new) merged into one.
+
+    Raises:
+      ValueError: two runs overlap (an origin chunk mapped twice).
+    """
+    n = len(runs) // 3
+    olds, news, counts = runs[0::3], runs[1::3], runs[2::3]
+    # Runs of one length (random writes of one size) need no gather of
+    # their counts and no sum per run.
+    same = counts[0] if n and counts.count(counts[0]) == n else 0
+    if n > 1:
+        # Sort plain ints (list: the keys exist already) and gather with
+        # C loops: sorting the triples as tuples costs twice as much.
+        pick = itemgetter(*sorted(range(n), key=olds.tolist().__getitem__))
+        olds, news = array("q", pick(olds)), array("q", pick(news))
+        if not same:
+            counts = array("q", pick(counts))
+    # span[i] - tight: the unmapped chunks between run i and run i+1
+    if same:
+        span, tight = array("q", map(sub, olds[1:], olds[:-1])), same
+    else:
+        span, tight = array("q", map(sub, olds[1:], map(add, olds[:-1], counts))), 0
+    if span and min(span) < tight:
+        i = next(i for i, g in enumerate(span) if g < tight)
+        raise ValueError(f"origin chunk {olds[i + 1]} is mapped twice")
+    follow = [i for i in compress(range(n - 1), map(tight.__eq__, span))
+              if news[i] + counts[i] == news[i + 1]] if span.count(tight) else []
+    if follow:
+        for i in reversed(follow):    # backwards: a chain adds up into its first run
+            counts[i] += counts[i + 1]
+        keep = bytearray(b"\1") * n
+        for i in follow:
+            keep[i + 1] = 0
+        olds, news, counts = (array("q", compress(a, keep)) for a in (olds, news, counts))
+    out = array("q", bytes(24 * len(olds)))
+    out[0::3], out[1::3], out[2::3] = olds, news, counts
+    return out
 
 
 class ChunkAllocator:
@@ -180,6 +272,42 @@ class ChunkAllocator:
         self.next_free = pos
         self._skip_metadata()
 
+    def rebuild_dense(self, news: array, counts: array, top: int) -> bool:
+        """`rebuild` for runs that keep their chunks below `top`, in C loops.
+
+        One byte per chunk below `top` (a million chunks: 1 MB for a
+        moment) instead of sorting the runs by COW chunk: reserved and
+        metadata chunks are marked 2, every run's chunks 1; then every
+        chunk is counted once, and the holes are the runs of 0 bytes.
+
+        Args:
+          news, counts: the runs' first COW chunks and lengths.
+          top: 1 + the highest chunk any run uses (nothing is checked
+            against the store's capacity here).
+
+        Returns:
+          True when rebuilt; False when runs overlap or cover a reserved
+          or metadata chunk (nothing changed; `rebuild` or
+          `layout_problems` tell which).
+        """
+        used = bytearray(top)
+        used[:self.first] = b"\2" * self.first
+        if self.stride:
+            used[1::self.stride] = b"\2" * len(range(1, top, self.stride))
+        marks = used.count(2)
+        if counts.count(1) == len(counts):
+            deque(map(used.__setitem__, news, repeat(1)), maxlen=0)
+        else:
+            deque(map(used.__setitem__, map(slice, news, map(add, news, counts)),
+                      map(mul, repeat(b"\1"), counts)), maxlen=0)
+        # A chunk marked twice counts once: fewer 1s than chunks in runs.
+        if used.count(2) != marks or used.count(1) != sum(counts):
+            return False
+        self.free = [(m.start(), m.end() - m.start()) for m in re.finditer(b"\0+", used)]
+        self.next_free = top
+        self._skip_metadata()
+        return True
+
     def _add_free_range(self, start: int, end: int) -> None:
         # split around metadata chunks; appends, so callers go in order
         pos = start
@@ -197,9 +325,66 @@ def persistent_allocator(chunk_size: int) -> ChunkAllocator:
     return ChunkAllocator(chunk_size, 2, chunk_size // 16 + 1)
 
 
-def layout_problems(runs: Iterable[ExceptionRun], chunk_size: int, cow_size: int,
+# Above this many chunks below next_free, `check_layout` sorts the runs by
+# COW chunk instead of marking a byte per chunk (at most 64 MB for a moment).
+DENSE_LIMIT = 64 << 20
+
+
+@dataclass
+class Layout:
+    """What `check_layout` found.
+
+    problems: one line per inconsistency; empty when the runs are fine.
+    alloc: the rebuilt allocator, None when there are problems.
+    by_old: the runs sorted by origin chunk and coalesced
+      (`sort_by_origin`), None when there are problems.
+    """
+    problems: list[str] = field(default_factory=list)
+    alloc: ChunkAllocator | None = None
+    by_old: array | None = None
+
+
+def check_layout(runs: array, chunk_size: int, cow_size: int) -> Layout:
+    """Check the committed flat runs of a persistent store and rebuild its
+    allocator: next_free = 1 + the highest COW chunk in use, every other
+    data chunk below it is a hole on the free list.
+
+    The checks are those of `layout_problems`, done in bulk; only when one
+    fails does `layout_problems` run to say what is wrong.
+    """
+    alloc = persistent_allocator(chunk_size)
+    news, counts = runs[1::3], runs[2::3]
+    ok = True
+    if news:
+        if counts.count(counts[0]) == len(counts):   # one length: no sum per run
+            top = max(news) + counts[0]
+        else:
+            top = max(map(add, news, counts))
+        if top > cow_size // chunk_size:
+            ok = False
+        elif top <= DENSE_LIMIT:
+            ok = alloc.rebuild_dense(news, counts, top)
+        else:
+            try:
+                alloc.rebuild(list(zip(news, counts)))
+            except ValueError:
+                ok = False
+    by_old = None
+    if ok:
+        try:
+            by_old = sort_by_origin(runs)
+        except ValueError:
+            ok = False
+    if not ok:
+        # layout_problems checks the same things; its empty answer would be a bug
+        return Layout(layout_problems(runs, chunk_size, cow_size) or
+                      ["runs fail the bulk layout check"])
+    return Layout([], alloc, by_old)
+
+
+def layout_problems(runs: array, chunk_size: int, cow_size: int,
                     limit: int = 5) -> list[str]:
-    """What is wrong with a set of committed runs of the persistent layout.
+    """What is wrong with the committed flat runs of the persistent layout.
 
     Checks: no origin chunk mapped twice, no COW chunk used twice, no run
     on the header or a metadata chunk, no run past `cow_size`.  At most
@@ -208,7 +393,7 @@ def layout_problems(runs: Iterable[ExceptionRun], chunk_size: int, cow_size: int
     Returns:
       One line per problem; empty when the runs are consistent.
     """
-    runs = list(runs)
+    runs = [ExceptionRun(*runs[i:i + 3]) for i in range(0, len(runs), 3)]
     alloc = persistent_allocator(chunk_size)
     capacity = cow_size // chunk_size
     out: list[str] = []

@@ -18,16 +18,21 @@ All integers in frames are little-endian.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
-from typing import Any, Iterable
+from itertools import chain
+from typing import Any, Iterable, NamedTuple
 
 import msgpack
 import xxhash
 
 from .base import ExceptionRun
-from .chunks import ChunkAllocator, append_run, layout_problems, persistent_allocator, remove_run
+from .chunks import ChunkAllocator, check_layout, extend_runs, remove_run
 
 MAGIC = "dmfsSnAp"
 VERSION = 1
@@ -178,24 +183,21 @@ def log_seed(uuid: bytes) -> int:
 
 # -- records --------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Record:
-    """One decoded log record.
+class Record(NamedTuple):
+    """One decoded log record (a tuple: a log of a million one-run
+    commits makes a million of them).
 
-    `runs` is set for exception and merge records ("e", "m"); `fields`
+    `runs` holds the runs of exception and merge records ("e", "m") as
+    flat (old, new, count) triples (empty for other kinds); `fields`
     holds the other keys of the payload (state values for "s").  `batch`
     is the seq of the first record of the commit this record was written
-    in (its "b" key; the record's own seq when absent).
+    in (its "b" key, or the record's own seq).
     """
     seq: int
     kind: str
-    runs: tuple[ExceptionRun, ...] = ()
-    fields: dict = dataclasses.field(default_factory=dict)
-    batch: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.batch:
-            object.__setattr__(self, "batch", self.seq)
+    runs: array
+    fields: dict
+    batch: int
 
 
 def encode_frame(payload: bytes, seed: int) -> bytes:
@@ -251,38 +253,88 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# msgpack arrays come as tuples from the scan (use_list=False: cheaper to
+# build) and as lists from records built in memory.
+_SEQUENCES = frozenset((list, tuple))
+_INT64 = 1 << 63
+# The byte of a native int64 that holds its sign bit, and the bytes
+# without it.
+_SIGN_BYTE = 7 if sys.byteorder == "little" else 0
+_NON_NEGATIVE = bytes(range(128))
+
+
+def _good_entry(e: Any) -> bool:
+    return (type(e) in _SEQUENCES and len(e) == 3
+            and type(e[0]) is int and type(e[1]) is int and type(e[2]) is int
+            and 0 <= e[0] < _INT64 and 0 <= e[1] < _INT64 and 1 <= e[2] < _INT64)
+
+
+def decode_runs(x: Any) -> array:
+    """The "x" list of an exception or merge record as flat triples.
+
+    Every entry must be [old, new, count] with ints old >= 0, new >= 0,
+    count >= 1.  Checked in bulk, in C loops over the whole list (a
+    million entries take a fraction of a second; Python code per entry
+    would take seconds), and only when that fails entry by entry, to
+    name the bad one.
+
+    Raises:
+      FormatError: `x` is not a list of such entries.
+    """
+    if type(x) not in _SEQUENCES:
+        raise FormatError("exception record without x list")
+    if len(x) <= 4:
+        # a commit of a few runs: entry by entry is cheaper than the bulk passes
+        if len(x) == 1:
+            if _good_entry(x[0]):
+                return array("q", x[0])
+        elif all(map(_good_entry, x)):
+            return array("q", tuple(chain.from_iterable(x)))
+    elif set(map(type, x)) <= _SEQUENCES and set(map(len, x)) <= {3}:
+        flat = tuple(chain.from_iterable(x))
+        # type() rather than isinstance(): msgpack's true/false are bools
+        if set(map(type, flat)) <= {int}:
+            try:
+                packed = struct.pack(f"{len(flat)}q", *flat)   # range-checks each
+            except struct.error:
+                pass
+            else:
+                runs = array("q")
+                runs.frombytes(packed)
+                if not packed[_SIGN_BYTE::8].translate(None, _NON_NEGATIVE) \
+                        and not runs[2::3].count(0):
+                    return runs
+    bad = next(e for e in x if not _good_entry(e))
+    raise FormatError(f"bad exception entry {list(bad) if type(bad) is tuple else bad!r}")
+
+
+_RECORD_KEYS = frozenset(("seq", "t", "x", "b"))
+
+
 def decode_record(body: Any) -> Record:
     """Validate an unpacked record map and turn it into a `Record`.
 
     Raises:
       FormatError: the map does not have the shape of its record type.
     """
-    if not isinstance(body, dict) or not _is_int(body.get("seq")) \
-            or not isinstance(body.get("t"), str):
+    if type(body) is not dict or type(body.get("seq")) is not int \
+            or type(body.get("t")) is not str:
         raise FormatError("record is not a map with seq and t")
     kind = body["t"]
     seq = body["seq"]
     batch = body.get("b", seq)
-    if not _is_int(batch) or not 1 <= batch <= seq:
+    if type(batch) is not int or not 1 <= batch <= seq:
         raise FormatError(f"record {seq}: bad batch {batch!r}")
-    fields = {k: v for k, v in body.items() if k not in ("seq", "t", "x", "b")}
+    extra = body.keys() - _RECORD_KEYS
+    fields = {k: body[k] for k in extra} if extra else {}
     if kind in (REC_EXCEPTIONS, REC_MERGE):
-        x = body.get("x")
-        if not isinstance(x, list):
-            raise FormatError("exception record without x list")
-        runs = []
-        for e in x:
-            if not (isinstance(e, list) and len(e) == 3 and all(map(_is_int, e))
-                    and e[0] >= 0 and e[1] >= 0 and e[2] >= 1):
-                raise FormatError(f"bad exception entry {e!r}")
-            runs.append(ExceptionRun(e[0], e[1], e[2]))
-        return Record(seq, kind, tuple(runs), fields, batch)
+        return Record(seq, kind, decode_runs(body.get("x")), fields, batch)
     if kind == REC_STATE:
         if ("valid" in fields and not isinstance(fields["valid"], bool)) or \
                 ("overflow" in fields and not isinstance(fields["overflow"], bool)) or \
                 ("cow_size" in fields and not _is_int(fields["cow_size"])):
             raise FormatError("bad state record")
-    return Record(seq, kind, (), fields, batch)
+    return Record(seq, kind, array("q"), fields, batch)
 
 
 @dataclass
@@ -335,7 +387,7 @@ def _frame_at(buf: bytes, pos: int, seed: int) -> tuple[int, dict] | None:
     if xxhash.xxh64_intdigest(payload, seed) != csum:
         return None
     try:
-        body = msgpack.unpackb(payload, raw=False)
+        body = msgpack.unpackb(payload, raw=False, use_list=False)
     except Exception:
         body = None
     return FRAME.size + length, body
@@ -377,9 +429,68 @@ def find_frames(buf: bytes | memoryview, start: int, *, seed: int,
         try:
             rec = decode_record(body)
         except FormatError:
-            rec = Record(body["seq"], "?")
+            rec = Record(body["seq"], "?", array("q"), {}, body["seq"])
         out.append((pos, rec))
         i = pos + size
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector (if on) while building many
+    long-lived objects.  Nothing here makes cycles; the collector only
+    runs later than it would."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _read_frames(buf: memoryview, pos: int, seq: int,
+                 seed: int) -> tuple[list[Record], int, int, str | None]:
+    """The good frames from `pos` on (see `scan_log`).
+
+    Returns:
+      (records, offset after the last one, the seq expected next, why the
+      scan stopped or None at the end of `buf`).
+
+    Raises:
+      FormatError: a malformed payload behind a good checksum and seq.
+    """
+    records: list[Record] = []
+    stop: str | None = None
+    # locals: a log of one-run commits has a million frames to go through
+    size, head, unpack_from = len(buf), FRAME.size, FRAME.unpack_from
+    digest, unpackb, append = xxhash.xxh64_intdigest, msgpack.unpackb, records.append
+    while pos < size:
+        if size - pos < head:
+            stop = "short frame header"
+            break
+        length, csum = unpack_from(buf, pos)
+        if length == 0 or length > MAX_PAYLOAD or pos + head + length > size:
+            stop = f"bad frame length {length}"
+            break
+        payload = buf[pos + head:pos + head + length]
+        if digest(payload, seed) != csum:
+            stop = "checksum mismatch"
+            break
+        try:
+            body = unpackb(payload, raw=False, use_list=False)
+        except Exception as e:
+            raise FormatError(f"undecodable record at offset {pos}: {e!r}") from None
+        if type(body) is not dict or body.get("seq") != seq:
+            got = body.get("seq") if isinstance(body, dict) else None
+            stop = f"sequence {got!r}, expected {seq}"
+            break
+        try:
+            append(decode_record(body))
+        except FormatError as e:
+            raise FormatError(f"record at offset {pos}: {e}") from None
+        pos += head + length
+        seq += 1
+    return records, pos, seq, stop
 
 
 def scan_log(buf: bytes | memoryview, *, seed: int, start: int = LOG_START,
@@ -403,35 +514,10 @@ def scan_log(buf: bytes | memoryview, *, seed: int, start: int = LOG_START,
         payload is malformed: not a torn write, so do not cut it off.
     """
     buf = memoryview(buf)
-    pos, seq = start, first_seq
-    records: list[Record] = []
-    stop: str | None = None
-    while pos < len(buf):
-        if len(buf) - pos < FRAME.size:
-            stop = "short frame header"
-            break
-        length, csum = FRAME.unpack_from(buf, pos)
-        if length == 0 or length > MAX_PAYLOAD or pos + FRAME.size + length > len(buf):
-            stop = f"bad frame length {length}"
-            break
-        payload = buf[pos + FRAME.size:pos + FRAME.size + length]
-        if xxhash.xxh64_intdigest(payload, seed) != csum:
-            stop = "checksum mismatch"
-            break
-        try:
-            body = msgpack.unpackb(payload, raw=False)
-        except Exception as e:
-            raise FormatError(f"undecodable record at offset {pos}: {e!r}") from None
-        if not isinstance(body, dict) or body.get("seq") != seq:
-            got = body.get("seq") if isinstance(body, dict) else None
-            stop = f"sequence {got!r}, expected {seq}"
-            break
-        try:
-            records.append(decode_record(body))
-        except FormatError as e:
-            raise FormatError(f"record at offset {pos}: {e}") from None
-        pos += FRAME.size + length
-        seq += 1
+    # A million records would make the collector walk the list of them
+    # again and again while it grows: a third of the time, for no cycles.
+    with _gc_paused():
+        records, pos, seq, stop = _read_frames(buf, start, first_seq, seed)
     scan = LogScan(records, pos, stop, len(buf))
     if stop is not None and len(buf) - pos >= FRAME.size:
         scan.later = find_frames(buf, pos, seed=seed, min_seq=seq)
@@ -451,62 +537,62 @@ def scan_log(buf: bytes | memoryview, *, seed: int, start: int = LOG_START,
 class Replay:
     """The state a log describes (see `replay`).
 
-    runs: the committed exceptions, coalesced, in log order.
+    runs: the committed exceptions as flat (old, new, count) triples, in
+      log order.  A run that continues the one before it (old and new)
+      is merged into it where one record ends and the next begins;
+      writers merge such runs within a record.
     chunks: how many chunks `runs` cover.
     valid, overflow, cow_size: the header's values with "s" records applied.
     problems: why this state cannot be trusted (overlaps, bad merges,
       unknown record types...); empty when consistent.
     alloc: the rebuilt allocator (next_free, free list of holes), or None
-      when there are problems.
+      when there are problems or the layout was not checked.
+    by_old: `runs` sorted by origin chunk and coalesced, what the core
+      builds its table from; None like `alloc`.
     """
-    runs: list[ExceptionRun]
+    runs: array
     chunks: int
     valid: bool
     overflow: bool
     cow_size: int
     problems: list[str]
     alloc: ChunkAllocator | None = None
+    by_old: array | None = None
 
 
-def replay(records: Iterable[Record], hdr: Header) -> Replay:
+def replay(records: Iterable[Record], hdr: Header, *, layout: bool = True) -> Replay:
     """Apply `records` to an empty store with header `hdr` (read_metadata).
 
     "e" adds runs, "m" removes them (a merged run must be mapped exactly),
-    "s" changes state.  Then the final runs must be consistent
-    (`chunks.layout_problems`), and the allocator is rebuilt from them:
-    next_free = 1 + the highest COW chunk in use, every other data chunk
-    below it is a hole on the free list.
+    "s" changes state.  Then, with `layout`, the final runs must be
+    consistent and the allocator is rebuilt from them
+    (`chunks.check_layout`): next_free = 1 + the highest COW chunk in
+    use, every other data chunk below it is a hole on the free list.
     """
-    runs: list[ExceptionRun] = []
-    chunks = 0
+    runs = array("q")
     st = Replay(runs, 0, hdr.valid, hdr.overflow, hdr.cow_size, [])
     for rec in records:
         if rec.kind == REC_EXCEPTIONS:
-            for r in rec.runs:
-                append_run(runs, r)
-                chunks += r.count
+            extend_runs(runs, rec.runs)
+            st.chunks += sum(rec.runs[2::3])
         elif rec.kind == REC_MERGE:
-            for r in rec.runs:
+            x = rec.runs
+            for i in range(0, len(x), 3):
                 try:
-                    remove_run(runs, r)
+                    remove_run(runs, x[i], x[i + 1], x[i + 2])
                 except ValueError as e:
                     st.problems.append(f"record {rec.seq}: {e}")
                     continue
-                chunks -= r.count
+                st.chunks -= x[i + 2]
         elif rec.kind == REC_STATE:
             st.valid = rec.fields.get("valid", st.valid)
             st.overflow = rec.fields.get("overflow", st.overflow)
             st.cow_size = rec.fields.get("cow_size", st.cow_size)
         else:
             st.problems.append(f"record {rec.seq} has unsupported type {rec.kind!r}")
-    st.chunks = chunks
-    st.problems.extend(layout_problems(runs, hdr.chunk_size, st.cow_size))
-    if not st.problems:
-        alloc = persistent_allocator(hdr.chunk_size)
-        try:
-            alloc.rebuild([(r.new, r.count) for r in runs])
-        except ValueError as e:  # layout_problems should have caught it
-            st.problems.append(str(e))
-        else:
-            st.alloc = alloc
+    if layout:
+        checked = check_layout(runs, hdr.chunk_size, st.cow_size)
+        st.problems.extend(checked.problems)
+        if not st.problems:
+            st.alloc, st.by_old = checked.alloc, checked.by_old
     return st

@@ -21,6 +21,11 @@ Commits are group commits: one fdatasync of the COW data, one append of
 records, one fdatasync of the log serve every caller that arrived while
 the previous commit was running.
 
+The store keeps no list of its exceptions: `open` replays the log and
+hands the result to the core (`exceptions()`), whose table is then the
+only copy; a merge, which needs them in log order, reads the log again
+when it starts (`prepare_merge`).
+
 Every system call goes through a `FileIO` object (store/fileio.py), so
 the power-loss tests can run the store over a file layer that records
 writes and syncs.
@@ -31,8 +36,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from itertools import chain
+from typing import Callable
 
 import trio
 
@@ -41,9 +48,7 @@ from dmfs.errors import DmError, SnapshotInvalid
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
-from .chunks import append_run as append_run
-from .chunks import persistent_allocator
-from .chunks import remove_run as remove_run
+from .chunks import coalesce, extend_runs, find_run, persistent_allocator
 from .fileio import OS_IO, FileIO
 
 log = logging.getLogger(__name__)
@@ -140,8 +145,12 @@ class PersistentStore(ExceptionStore):
       * `_log_end` is the byte offset after the last durable record and
         `_seq` its sequence number; nothing valid follows `_log_end`;
         records are appended only under `_log_lock`, one append at a time;
-      * `_runs` are exactly the committed exceptions (coalesced), and
-        `_committed_chunks` the number of chunks they cover;
+      * `_committed_chunks` counts the committed exception chunks,
+        `_run_count` the runs a replay of the log would list
+        (`fmt.replay`), the last of them `_tail`;
+      * `_merge_runs`, once a merge loaded it, is what a replay of the log
+        says, in log order; it changes only under `_log_lock`, with the
+        append that changes the log;
       * at most one group commit is in flight (`_committing`); runs of
         callers arriving meanwhile gather in `_pending`.
 
@@ -178,8 +187,11 @@ class PersistentStore(ExceptionStore):
         self._seed = fmt.log_seed(hdr.uuid)
         self._log_end = fmt.LOG_START
         self._seq = 0
-        self._runs: list[ExceptionRun] = []
+        self._opened: array | None = array("q")   # until the core takes them
+        self._merge_runs: array | None = None     # loaded by the first prepare_merge
         self._committed_chunks = 0
+        self._run_count = 0
+        self._tail: tuple[int, int, int] | None = None
         self._alloc = persistent_allocator(hdr.chunk_size)
         self._pending: _Batch | None = None
         self._committing = False
@@ -314,7 +326,7 @@ class PersistentStore(ExceptionStore):
                 io.close(log_fd)
             raise
         log.debug("opened %s: %d exceptions in %d runs, next_free=%d, %d free chunks",
-                  base_path, store._committed_chunks, len(store._runs),
+                  base_path, store._committed_chunks, store._run_count,
                   store._alloc.next_free, store._alloc.free_chunks())
         return store
 
@@ -331,8 +343,10 @@ class PersistentStore(ExceptionStore):
         if st.problems:
             more = f" (and {len(st.problems) - 1} more problems)" if len(st.problems) > 1 else ""
             raise DmError(errno.EIO, f"corrupt log {self.log_path}: {st.problems[0]}{more}")
-        self._runs = st.runs
+        self._opened = st.by_old
         self._committed_chunks = st.chunks
+        self._run_count = len(st.runs) // 3
+        self._tail = tuple(st.runs[-3:]) or None
         self._alloc = st.alloc
         self.valid, self.overflow, self.cow_size = st.valid, st.overflow, st.cow_size
         self._seq = scan.last_seq
@@ -359,8 +373,17 @@ class PersistentStore(ExceptionStore):
         except OSError as e:
             raise DmError(errno.EIO, f"cannot repair {self.log_path}: {e}") from None
 
-    def exceptions(self) -> Iterable[ExceptionRun]:
-        return list(self._runs)
+    def exceptions(self) -> array:
+        """Hand over the exceptions the log held at open (see
+        `ExceptionStore.exceptions`); the store keeps no copy.
+
+        Raises:
+          RuntimeError: they were handed over already.
+        """
+        runs, self._opened = self._opened, None
+        if runs is None:
+            raise RuntimeError(f"{self.base_path}: exceptions were handed over already")
+        return runs
 
     async def close(self) -> None:
         """Finish pending commits, fdatasync the COW data, close the files.
@@ -473,7 +496,7 @@ class PersistentStore(ExceptionStore):
         only when that returned do the callers (and the origin writes they
         hold back) go on.
         """
-        runs = [r for p in batch.parts for r in p]
+        runs = coalesce(r for p in batch.parts for r in p)
         if not runs:
             return
         async with self._log_lock:
@@ -510,18 +533,32 @@ class PersistentStore(ExceptionStore):
                 return
             self._log_end = off + len(data)
             self._seq += len(frames)
+            self._note_commit(runs)
         chunks = sum(r.count for r in runs)
         self.commits += 1
         self.records += len(frames)
         self.committed_chunks += chunks
         self.max_batch = max(self.max_batch, chunks)
-        for r in runs:
-            append_run(self._runs, r)
-        self._committed_chunks += chunks
         if not self.valid:
             # dropped while we were writing: callers see the failure, as
             # persistent_commit_exception passes ps->valid to callbacks
             batch.error = SnapshotInvalid
+
+    def _note_commit(self, runs: list[ExceptionRun]) -> None:
+        """Count the coalesced `runs` just appended to the log (under
+        `_log_lock`) as a replay would, and add them to the merge list."""
+        self._committed_chunks += sum(r.count for r in runs)
+        tail = self._tail
+        for r in runs:
+            if tail is not None and tail[0] + tail[2] == r.old and tail[1] + tail[2] == r.new:
+                tail = (tail[0], tail[1], tail[2] + r.count)
+            else:
+                tail = (r.old, r.new, r.count)
+                self._run_count += 1
+        self._tail = tail
+        if self._merge_runs is not None:
+            extend_runs(self._merge_runs,
+                        array("q", chain.from_iterable((r.old, r.new, r.count) for r in runs)))
 
     async def _drain(self) -> None:
         """Wait until no commit is in flight or pending."""
@@ -533,15 +570,56 @@ class PersistentStore(ExceptionStore):
 
     # -- merge -----------------------------------------------------------
 
-    def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
+    async def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
         """The last committed exceptions, as one run of at most `max_chunks`
-        consecutive chunks (persistent_prepare_merge), or None when empty."""
+        consecutive chunks (persistent_prepare_merge), or None when empty.
+
+        The first call reads the log again (`_load_merge_runs`).
+
+        Raises:
+          DmError(EIO): the log cannot be read again.
+        """
         self._check_open()
-        if not self._runs:
+        runs = await self._load_merge_runs()
+        if not runs:
             return None
-        last = self._runs[-1]
-        n = min(last.count, max_chunks)
-        return ExceptionRun(last.old + last.count - n, last.new + last.count - n, n)
+        old, new, count = runs[-3:]
+        n = min(count, max_chunks)
+        return ExceptionRun(old + count - n, new + count - n, n)
+
+    async def _load_merge_runs(self) -> array:
+        """The committed runs in log order, as a replay of the log gives
+        them: read from the log on first use, kept up to date after.
+
+        Raises:
+          DmError(EIO): the log cannot be read, or no longer replays to
+            what the store holds (damaged since open).
+        """
+        async with self._log_lock:
+            if self._merge_runs is not None:
+                return self._merge_runs
+            end, seq, chunks = self._log_end, self._seq, self._committed_chunks
+            if end < 0:
+                raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed append")
+            log_fd, io, seed, hdr = self.log_fd, self._io, self._seed, self._hdr
+
+            def work() -> tuple[fmt.LogScan, fmt.Replay]:
+                scan = fmt.scan_log(io.read_all(log_fd)[:end], seed=seed)
+                return scan, fmt.replay(scan.records, hdr, layout=False)
+
+            try:
+                scan, st = await trio.to_thread.run_sync(work)
+            except (OSError, fmt.FormatError) as e:
+                raise DmError(errno.EIO, f"cannot read {self.log_path} again: {e}") from None
+            if (scan.end, scan.last_seq, st.chunks, st.problems) != (end, seq, chunks, []):
+                raise DmError(errno.EIO, f"{self.log_path} changed since it was opened: "
+                              f"{st.chunks} exceptions up to seq {scan.last_seq} at "
+                              f"{scan.end}, not {chunks} up to seq {seq} at {end}"
+                              + "".join(f"; {p}" for p in st.problems))
+            self._merge_runs = st.runs
+            log.info("%s: %d exceptions in %d runs listed for merging", self.base_path,
+                     chunks, len(st.runs) // 3)
+            return st.runs
 
     async def commit_merge(self, run: ExceptionRun) -> None:
         """Forget `run`: its data is in the origin (the caller flushed it).
@@ -549,14 +627,15 @@ class PersistentStore(ExceptionStore):
         One "m" record, appended and synced (the kernel's commit_merge).
 
         Raises:
-          DmError(EIO): the record could not be written.
+          DmError(EIO): the record could not be written, or the log not
+            read again (see `prepare_merge`).
           ValueError: `run` is not a committed exception.
         """
         self._check_open()
         await self._drain()
+        runs = await self._load_merge_runs()
         async with self._log_lock:
-            runs = list(self._runs)
-            remove_run(runs, run)  # validate before writing anything
+            i, j, pieces = find_run(runs, run.old, run.new, run.count)  # before writing anything
             log_fd, off, io = self.log_fd, self._log_end, self._io
             if off < 0:
                 raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed append")
@@ -574,9 +653,11 @@ class PersistentStore(ExceptionStore):
                 raise DmError(errno.EIO, f"merge commit to {self.log_path} failed: {e}") from None
             self._log_end = off + len(frame)
             self._seq += 1
+            runs[i:j] = pieces
+            self._committed_chunks -= run.count
+            self._run_count = len(runs) // 3
+            self._tail = tuple(runs[-3:]) or None
         self.records += 1
-        self._runs[:] = runs
-        self._committed_chunks -= run.count
         self._alloc.release(run.new, run.count)
 
     # -- state -----------------------------------------------------------
@@ -723,14 +804,16 @@ class PersistentStore(ExceptionStore):
         committed_chunks: exception chunks those commits carried, so
           committed_chunks / commits is the average group-commit batch;
         max_batch: the most chunks one commit carried;
-        exceptions, runs: what the store maps now (chunks, coalesced runs);
+        exceptions, runs: what the store maps now (chunks, and runs as a
+          replay of the log lists them: consecutive chunks committed
+          together or one commit after the other are one run);
         free_chunks: holes below next_free waiting for reuse;
         log_bytes: where the next record goes.
         """
         return {
             "commits": self.commits, "records": self.records,
             "committed_chunks": self.committed_chunks, "max_batch": self.max_batch,
-            "exceptions": self._committed_chunks, "runs": len(self._runs),
+            "exceptions": self._committed_chunks, "runs": self._run_count,
             "next_free": self._alloc.next_free, "free_chunks": self._alloc.free_chunks(),
             "log_bytes": self._log_end,
         }

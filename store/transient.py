@@ -12,14 +12,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Iterable
+from array import array
 
 import trio
 
 from dmfs.errors import DmError, SnapshotInvalid
 
 from .base import SECTOR, ExceptionRun, ExceptionStore
-from .chunks import ChunkAllocator, append_run
+from .chunks import ChunkAllocator
 from .persistent import check_geometry
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ class TransientStore(ExceptionStore):
     """An "N" store: `base_path + ".cow"` and in-memory exceptions.
 
     Invariants:
-      * `_runs` are the committed exceptions (coalesced); they exist only
-        in memory;
+      * the committed exceptions exist only in the core's table (the
+        store keeps none: it never reopens, and cannot merge);
       * chunks are handed out from 0 with no metadata chunks in between;
         aborted chunks are reused first.
     """
@@ -46,7 +46,6 @@ class TransientStore(ExceptionStore):
         self.valid = True
         self.overflow = False
         self.commits = 0
-        self._runs: list[ExceptionRun] = []
         self._alloc = ChunkAllocator(chunk_size, 0)
         self._closed = False
 
@@ -98,8 +97,9 @@ class TransientStore(ExceptionStore):
         await trio.lowlevel.checkpoint()
         raise DmError(errno.ENOENT, f"transient store {base_path} cannot be reopened")
 
-    def exceptions(self) -> Iterable[ExceptionRun]:
-        return list(self._runs)
+    def exceptions(self) -> array:
+        """None: a transient store is only ever new."""
+        return array("q")
 
     async def close(self) -> None:
         """Close the .cow file (no sync: its contents die with the store)."""
@@ -149,8 +149,6 @@ class TransientStore(ExceptionStore):
         for r in runs:
             if r.count < 1 or r.old < 0 or r.new < 0 or r.new + r.count > self._alloc.next_free:
                 raise ValueError(f"{r} was not prepared by this store")
-        for r in runs:
-            append_run(self._runs, r)
         self.commits += 1
 
     # -- state -----------------------------------------------------------

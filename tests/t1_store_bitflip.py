@@ -36,7 +36,9 @@ CS = 4096
 
 
 def chunks_of(runs):
-    return frozenset((r.old + k, r.new + k) for r in runs for k in range(r.count))
+    """{(origin chunk, COW chunk)} of flat (old, new, count) triples."""
+    return frozenset((runs[i] + k, runs[i + 1] + k)
+                     for i in range(0, len(runs), 3) for k in range(runs[i + 2]))
 
 
 async def build(base: str, monkeypatch, invalidate: bool) -> None:
@@ -57,7 +59,7 @@ async def build(base: str, monkeypatch, invalidate: bool) -> None:
         if i == 6:
             await s.set_overflow()
     for _ in range(2):
-        await s.commit_merge(s.prepare_merge(1))
+        await s.commit_merge(await s.prepare_merge(1))
     # the last commit: three records
     monkeypatch.setattr(fmt, "MAX_RUNS_PER_RECORD", 1)
     runs = []

@@ -1,10 +1,13 @@
 """store.format: header slots, record framing and the end-of-log scan."""
 
 import os
+import random
+from array import array
 
 import msgpack
 import pytest
 
+from store import chunks
 from store import format as fmt
 from store.base import ExceptionRun
 
@@ -16,6 +19,11 @@ def header(**kw):
     base = dict(uuid=UUID, gen=1, chunk_size=4096, cow_size=1 << 30)
     base.update(kw)
     return fmt.Header(**base)
+
+
+def flat(runs):
+    """ExceptionRuns as the flat (old, new, count) triples records hold."""
+    return [v for r in runs for v in (r.old, r.new, r.count)]
 
 
 def log_with(frames, header_area=None):
@@ -69,7 +77,7 @@ def test_exception_record_round_trip_and_split():
     assert scan.stop is None
     assert scan.end == fmt.LOG_START + sum(map(len, frames))
     assert [r.seq for r in scan.records] == [1, 2]
-    assert [r for rec in scan.records for r in rec.runs] == runs
+    assert [v for rec in scan.records for v in rec.runs] == flat(runs)
     assert all(rec.kind == "e" for rec in scan.records)
 
 
@@ -214,9 +222,29 @@ def test_replay_applies_merges_and_state():
             fmt.decode_record(fmt.state_record(5, valid=False, overflow=True, cow_size=1 << 29))]
     st = fmt.replay(recs, header())
     assert st.problems == []
-    assert st.runs == [ExceptionRun(5, 2, 2)] and st.chunks == 2
+    assert st.runs.tolist() == [5, 2, 2] and st.chunks == 2
+    assert st.by_old.tolist() == [5, 2, 2]
     assert (st.valid, st.overflow, st.cow_size) == (False, True, 1 << 29)
     assert st.alloc.next_free == 4 and st.alloc.free == []
+
+
+def test_replay_coalesces_where_records_meet_and_merges_across_runs():
+    # as an older writer left them: consecutive chunks as separate runs of one record
+    recs = [fmt.decode_record(fmt.exception_record(1, [ExceptionRun(5, 2), ExceptionRun(6, 3)])),
+            fmt.decode_record(fmt.exception_record(2, [ExceptionRun(7, 4), ExceptionRun(20, 5)])),
+            fmt.decode_record(fmt.merge_record(3, [ExceptionRun(20, 5)])),
+            fmt.decode_record(fmt.merge_record(4, [ExceptionRun(6, 3, 2)]))]
+    st = fmt.replay(recs, header())
+    assert st.problems == [] and st.chunks == 1
+    assert st.runs.tolist() == [5, 2, 1]
+    assert st.alloc.next_free == 3
+
+
+def test_replay_without_layout_keeps_log_order():
+    recs = [fmt.decode_record(fmt.exception_record(1, [ExceptionRun(50, 2), ExceptionRun(10, 3)]))]
+    st = fmt.replay(recs, header(), layout=False)
+    assert st.runs.tolist() == [50, 2, 1, 10, 3, 1]
+    assert st.alloc is None and st.by_old is None
 
 
 @pytest.mark.parametrize("runs,match", [
@@ -244,6 +272,96 @@ def test_checksummed_but_malformed_record_is_an_error():
     frame = fmt.encode_frame(msgpack.packb({"seq": 1, "t": "e", "x": [[1, 2]]}), SEED)
     with pytest.raises(fmt.FormatError):
         fmt.scan_log(log_with([frame]), seed=SEED)
+
+
+BAD_ENTRIES = [[1, 2], [1, 2, 3, 4], [True, 2, 3], [1, False, 3], [1, 2, True], [1.0, 2, 3],
+               [-1, 2, 3], [1, -2, 3], [1, 2, 0], [1, 2, -1], [1 << 63, 2, 3], [1, 2, (1 << 64) - 1],
+               [1, 2, None], "abc", b"abc", {"a": 1, "b": 2, "c": 3}, 7]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one", "bulk"])
+@pytest.mark.parametrize("bad", BAD_ENTRIES, ids=repr)
+def test_malformed_exception_entry_is_an_error(bad, many):
+    good = [[i, 2 + i, 1] for i in range(10 if many else 1)]
+    x = good[:len(good) // 2] + [bad] + good[len(good) // 2:]
+    frame = fmt.encode_frame(msgpack.packb({"seq": 1, "t": "e", "x": x}), SEED)
+    with pytest.raises(fmt.FormatError, match="bad exception entry"):
+        fmt.scan_log(log_with([frame]), seed=SEED)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 5, 1000])
+def test_exception_entries_decode_to_flat_triples(n):
+    rnd = random.Random(n)
+    x = [[rnd.randrange(1 << 40), rnd.randrange(1 << 62), rnd.randrange(1, 1 << 20)]
+         for _ in range(n)] + [[(1 << 63) - 1, 0, (1 << 63) - 1]] * (n > 0)
+    frame = fmt.encode_frame(msgpack.packb({"seq": 1, "t": "m", "x": x}), SEED)
+    (rec,) = fmt.scan_log(log_with([frame]), seed=SEED).records
+    assert rec.kind == "m" and rec.runs.typecode == "q"
+    assert rec.runs.tolist() == [v for e in x for v in e]
+
+
+def random_layout(rnd, n, cow_chunks, stride):
+    """`n` runs with distinct origin chunks, at COW chunks handed out like
+    the allocator does (metadata chunks skipped), in a shuffled order,
+    with some chunks left out (holes)."""
+    alloc = chunks.ChunkAllocator(4096, 2, stride)
+    runs, old = [], 0
+    while len(runs) < n:
+        start, count = alloc.allocate(rnd.randrange(1, 6), cow_chunks * 4096)
+        old += rnd.randrange(0, 3)
+        if rnd.random() < 0.9:
+            runs.append((old, start, count))
+        old += count
+    rnd.shuffle(runs)
+    return runs
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "large store"])
+@pytest.mark.parametrize("seed", range(20))
+def test_bulk_layout_check_agrees_with_the_slow_one(seed, dense, monkeypatch):
+    """check_layout (bulk) against layout_problems and rebuild (run by run):
+    same verdict, same allocator, the runs sorted by origin chunk."""
+    if not dense:   # past DENSE_LIMIT chunks the COW side is checked by sorting
+        monkeypatch.setattr(chunks, "DENSE_LIMIT", 0)
+    rnd = random.Random(seed)
+    cs = 512   # 32 exceptions per area: metadata chunks every 33
+    runs = random_layout(rnd, rnd.randrange(1, 60), 4000, cs // 16 + 1)
+    damage = rnd.choice(["none", "old twice", "new twice", "metadata", "reserved", "past end"])
+    if damage == "old twice":
+        o, n, c = rnd.choice(runs)
+        runs.append((o + rnd.randrange(c), 3000, 1))
+    elif damage == "new twice":
+        o, n, c = rnd.choice(runs)
+        runs.append((100_000, n + rnd.randrange(c), 1))
+    elif damage == "metadata":
+        runs.append((100_000, 33 * rnd.randrange(10, 60) + 1, 1))
+    elif damage == "reserved":
+        runs.append((100_000, rnd.randrange(2), 1))
+    elif damage == "past end":
+        runs.append((100_000, 3990, 20))
+    a = array("q", [v for r in runs for v in r])
+    got = chunks.check_layout(a, cs, 4000 * cs)
+    assert got.problems == chunks.layout_problems(a, cs, 4000 * cs)
+    assert bool(got.problems) == (damage != "none"), (damage, got.problems)
+    if damage == "none":
+        want = chunks.ChunkAllocator(cs, 2, cs // 16 + 1)
+        want.rebuild([(n, c) for _, n, c in runs])
+        assert (got.alloc.next_free, got.alloc.free) == (want.next_free, want.free)
+        b = got.by_old
+        assert {(b[i] + k, b[i + 1] + k) for i in range(0, len(b), 3) for k in range(b[i + 2])} \
+            == {(o + k, n + k) for o, n, c in runs for k in range(c)}
+        assert b[0::3].tolist() == sorted(b[0::3])
+
+
+def test_sort_by_origin_merges_continuing_runs_and_refuses_overlaps():
+    a = array("q", [20, 7, 2, 10, 5, 2, 12, 100, 1, 13, 101, 3, 16, 104, 1, 0, 50, 1])
+    assert chunks.sort_by_origin(a).tolist() == [0, 50, 1, 10, 5, 2, 12, 100, 5, 20, 7, 2]
+    same = array("q", [9, 3, 2, 1, 10, 2, 3, 12, 2, 5, 20, 2])
+    assert chunks.sort_by_origin(same).tolist() == [1, 10, 4, 5, 20, 2, 9, 3, 2]
+    for bad in ([5, 2, 3, 6, 9, 1], [5, 2, 1, 5, 9, 1], [5, 2, 2, 1, 9, 5]):
+        with pytest.raises(ValueError, match="mapped twice"):
+            chunks.sort_by_origin(array("q", bad))
+    assert chunks.sort_by_origin(array("q")).tolist() == []
 
 
 def test_empty_log():

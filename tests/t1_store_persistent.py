@@ -26,6 +26,16 @@ async def make(base, chunk_size=K4, cow_size=G1, type_name="P"):
                                         type_name=type_name)
 
 
+def runs_of(flat):
+    """The flat (old, new, count) triples a store hands over, as runs."""
+    return [ExceptionRun(*flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+def chunks_of(flat):
+    """{(origin chunk, COW chunk)} of flat triples."""
+    return {(flat[i] + k, flat[i + 1] + k) for i in range(0, len(flat), 3) for k in range(flat[i + 2])}
+
+
 async def commit_one(store, old, count=1):
     run = store.prepare_exception(count)
     run = ExceptionRun(old, run.new, run.count)
@@ -136,21 +146,25 @@ async def test_many_exceptions_survive_reopen(base):
         if i % 7 == 6:
             await s.commit_exceptions(committed[-7:])
     await s.commit_exceptions(committed[-(300 % 7):])
-    before_ex, before_usage = list(s.exceptions()), s.usage()
-    # every committed chunk is in the (coalesced) list
-    chunks = {(r.old + k, r.new + k) for r in committed for k in range(r.count)}
-    assert {(r.old + k, r.new + k) for r in before_ex for k in range(r.count)} == chunks
-    assert len(before_ex) < len(committed)       # runs were coalesced
+    before_usage, before_stats = s.usage(), s.stats()
     await s.close()
     s = await PersistentStore.open(base)
-    assert list(s.exceptions()) == before_ex
+    got = s.exceptions()
+    # every committed chunk, sorted by origin chunk, consecutive ones coalesced
+    assert chunks_of(got) == {(r.old + k, r.new + k) for r in committed for k in range(r.count)}
+    assert got[0::3].tolist() == sorted(got[0::3])
+    assert len(got) // 3 < len(committed)
+    with pytest.raises(RuntimeError):
+        s.exceptions()                           # handed over: the store keeps no copy
     assert s.usage() == before_usage
+    for key in ("exceptions", "runs", "next_free", "log_bytes"):
+        assert s.stats()[key] == before_stats[key], key
     assert s.free_chunks() == []
     # appending after reopen continues the log
     r = await commit_one(s, 5)
     await s.close()
     s = await PersistentStore.open(base)
-    assert list(s.exceptions())[-1] == r
+    assert runs_of(s.exceptions())[0] == r
     await s.close()
 
 
@@ -263,12 +277,14 @@ async def test_torn_log_tail_is_cut_on_open(base):
         f.write(fmt.FRAME.pack(100, 12345) + b"\x81\xa3seq")
     s = await PersistentStore.open(base)
     assert os.path.getsize(base + ".log") == size       # garbage truncated
-    assert list(s.exceptions()) == [ExceptionRun(0, 2, 10)]   # coalesced
+    assert runs_of(s.exceptions()) == [ExceptionRun(0, 2, 10)]   # coalesced
+    assert s.stats()["runs"] == 1
     r = await commit_one(s, 50)
     await s.close()
     s = await PersistentStore.open(base)
-    assert list(s.exceptions())[-1] == r
-    assert sum(x.count for x in s.exceptions()) == len(runs) + 1
+    got = runs_of(s.exceptions())
+    assert got[-1] == r
+    assert sum(x.count for x in got) == len(runs) + 1
     await s.close()
 
 
@@ -283,7 +299,7 @@ async def test_corrupt_last_record_loses_only_that_record(base):
         f.seek(end_before_last + fmt.FRAME.size + 2)
         f.write(b"\xff")
     s = await PersistentStore.open(base)
-    assert [r.old for r in s.exceptions()] == [10, 20]
+    assert [r.old for r in runs_of(s.exceptions())] == [10, 20]
     assert s.free_chunks() == [] and s.next_free == 4
     await s.close()
 
@@ -319,8 +335,7 @@ async def test_group_commit_batches_concurrent_callers(base):
     assert s.records == s.commits
     await s.close()
     s = await PersistentStore.open(base)
-    got = {(r.old + k, r.new + k) for r in s.exceptions() for k in range(r.count)}
-    assert got == {(r.old, r.new) for r in runs}
+    assert chunks_of(s.exceptions()) == {(r.old, r.new) for r in runs}
     await s.close()
 
 
@@ -338,7 +353,7 @@ async def test_cancelled_waiter_withdraws_its_runs(base):
     s.abort_exception(r2)
     await s.close()
     s = await PersistentStore.open(base)
-    assert list(s.exceptions()) == [r1]
+    assert runs_of(s.exceptions()) == [r1]
     await s.close()
 
 
@@ -550,8 +565,7 @@ async def test_close_waits_for_commits_in_flight(base):
     with pytest.raises(DmError):
         await s.commit_exceptions([runs[0]])
     s = await PersistentStore.open(base)
-    got = {(r.old + k, r.new + k) for r in s.exceptions() for k in range(r.count)}
-    assert got == {(r.old, r.new) for r in runs}
+    assert chunks_of(s.exceptions()) == {(r.old, r.new) for r in runs}
     await s.close()
 
 
@@ -604,7 +618,7 @@ async def test_torn_rest_of_a_multi_record_commit_is_cut(base, monkeypatch):
         f.seek(end + fmt.FRAME.size + 1)
         f.write(b"\0\0\0")
     s = await PersistentStore.open(base)
-    assert list(s.exceptions()) == [ExceptionRun(100, 2)]
+    assert runs_of(s.exceptions()) == [ExceptionRun(100, 2)]
     assert os.path.getsize(base + ".log") == end
     assert s.free_chunks() == [] and s.next_free == 3     # the rest reclaimed
     await s.close()
@@ -627,6 +641,7 @@ async def test_stats_count_batches(base):
 async def test_merge_and_commit_appends_do_not_interleave(base):
     s = await make(base)
     runs = [await commit_one(s, 1000 + 10 * i) for i in range(30)]
+    committed = []
 
     async def merges():
         for r in reversed(runs[10:]):
@@ -634,15 +649,56 @@ async def test_merge_and_commit_appends_do_not_interleave(base):
 
     async def commits(first):
         for i in range(40):
-            await commit_one(s, first + 3 * i)
+            committed.append(await commit_one(s, first + 3 * i))
 
     async with trio.open_nursery() as n:
         n.start_soon(merges)
         n.start_soon(commits, 5000)
         n.start_soon(commits, 9000)
-    want = {(x.old + k, x.new + k) for x in s.exceptions() for k in range(x.count)}
+    want = {(x.old, x.new) for x in runs[:10] + committed}
+    runs_before = s.stats()["runs"]
+    # the merge list, loaded by the first merge, followed the commits
+    last = await s.prepare_merge(1)
+    assert (last.old, last.new) in {(x.old, x.new) for x in committed}
     await s.close()
     s = await PersistentStore.open(base)
-    assert {(x.old + k, x.new + k) for x in s.exceptions() for k in range(x.count)} == want
-    assert len(want) == 10 + 80
+    assert chunks_of(s.exceptions()) == want
+    assert s.stats()["runs"] == runs_before
+    await s.close()
+
+
+async def test_merge_takes_runs_off_the_end_of_the_log(base):
+    s = await make(base)
+    order = [700, 5, 300, 6, 7, 100]          # 5, 6, 7 are not consecutive commits
+    for old in order:
+        await commit_one(s, old, 2 if old == 300 else 1)
+    await s.close()
+    s = await PersistentStore.open(base)
+    s.exceptions()
+    merged = []
+    while (r := await s.prepare_merge(1)) is not None:
+        await s.commit_merge(r)
+        merged.append(r.old)
+        if len(merged) == 3:                  # a merge resumes after a restart
+            await s.close()
+            s = await PersistentStore.open(base)
+            assert len(s.exceptions()) // 3 == 3
+    assert merged == [100, 7, 6, 301, 300, 5, 700]
+    assert s.stats()["runs"] == 0 and s.next_free == 2
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert len(s.exceptions()) == 0 and s.usage() == (16, 2097152, 16)
+    await s.close()
+
+
+async def test_merge_refuses_a_log_damaged_since_open(base):
+    s = await make(base)
+    for i in range(3):
+        await commit_one(s, 10 * i)
+    with open(base + ".log", "r+b") as f:       # a bad sector under the running store
+        f.seek(fmt.LOG_START + fmt.FRAME.size + 2)
+        f.write(b"\xff")
+    with pytest.raises(DmError, match="changed since it was opened") as ei:
+        await s.prepare_merge(1)
+    assert ei.value.errno == errno.EIO
     await s.close()

@@ -1,6 +1,7 @@
 """The completed-exception table: runs, buckets, range lookups."""
 
 import random
+from array import array
 
 import pytest
 
@@ -97,3 +98,18 @@ def test_bulk_load_matches_inserts():
     assert a.entries() == b.entries()
     with pytest.raises(ValueError):
         ExceptionTable.from_runs([(0, 5, 10), (9, 100, 1)])
+
+
+def test_from_sorted_cuts_runs_at_bucket_borders():
+    # a run over three buckets and a bit, then one starting in its last bucket
+    long_old = BUCKET_CHUNKS - 5
+    runs = [(3, 1000, 2), (long_old, 10, 2 * BUCKET_CHUNKS + 10),
+            (3 * BUCKET_CHUNKS + 20, 7, 1), (9 * BUCKET_CHUNKS, 50, 4)]
+    t = ExceptionTable.from_sorted(array("q", [v for r in runs for v in r]))
+    b = ExceptionTable()
+    for r in runs:
+        b.insert(*r)
+    assert t._buckets == b._buckets
+    assert len(t) == len(b) and t.entries() == b.entries() == 7
+    assert t.lookup(long_old + BUCKET_CHUNKS) == 10 + BUCKET_CHUNKS
+    assert list(t.runs()) == runs

@@ -1,0 +1,277 @@
+"""Scale of one snapshot: mount time and memory per exception.
+
+    python bench/scale.py [--exceptions N] [--runs R] [--batch B] [--only CASES]
+                          [--workdir DIR] [--json FILE] [--keep]
+
+The issue's target (issue 4, item 3 "Scale"): one million random
+(non-consecutive) exceptions in one snapshot cost at most 48 bytes of RSS
+each, sequential ones far less; mounting a pool whose log holds one
+million exceptions takes under 2 s.
+
+Every case is a pool with one origin (1 TiB, sparse) and one snapshot of
+it (4 KiB chunks, persistent store) holding N exceptions:
+
+  random      N origin chunks drawn at random among the even ones, so no
+              two are neighbours and every exception is a run of its own;
+              committed through the store --batch at a time (default 1000:
+              a million exceptions are 1000 log records);
+  sequential  N consecutive origin chunks, committed through the store one
+              run of up to 256 chunks (1 MiB) at a time, as 1 MiB writes
+              commit them;
+  random-1    the random chunks, one exception per commit, as a store that
+              took random writes one at a time (qd1) leaves its log: one
+              record per exception.  Written with `store.format` (the
+              frames the store writes): a million synced commits would
+              take minutes;
+  empty       the snapshot without exceptions: the baseline.
+
+Each pool is then mounted --runs times (`Pool.open`, which replays the log
+and builds the snapshot's exception table; no FUSE), each time in a fresh
+Python process that reports the seconds `Pool.open` took and how much its
+RSS (VmRSS) grew.  The table shows medians; B/exception is the RSS growth
+minus the empty pool's, divided by N.  A busy machine makes the seconds
+worse, so the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):   # `python bench/scale.py`: make `dmfs` and `store` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import trio  # noqa: E402
+
+from dmfs.control import SnapshotSpec  # noqa: E402
+from dmfs.pool import Pool  # noqa: E402
+from store import format as fmt  # noqa: E402
+from store.base import ExceptionRun  # noqa: E402
+from store.chunks import persistent_allocator  # noqa: E402
+
+ORIGIN_SIZE = 1 << 40
+CHUNK = 4096
+SNAPSHOT = "vm@s1.img"
+SEQUENTIAL_RUN = (1 << 20) // CHUNK      # chunks of one 1 MiB write
+MOUNT_SECONDS = 2.0
+RANDOM_BYTES = 48                          # RSS per random exception
+SEQUENTIAL_BYTES = RANDOM_BYTES / 10       # "far less": a tenth of it
+BUSY_LOAD = 0.5
+CASES = ("random", "sequential", "random-1")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+# -- building the pools ----------------------------------------------------------------
+
+def random_chunks(n: int) -> list[int]:
+    """`n` distinct even origin chunks of the 1 TiB origin, in random order."""
+    return random.Random(1).sample(range(0, ORIGIN_SIZE // CHUNK, 2), n)
+
+
+async def build(path: str, case: str, n: int, batch: int) -> int:
+    """Make the pool of `case` at `path`; return how many log records it wrote."""
+    async with trio.open_nursery() as nursery:
+        pool = await Pool.open(path, nursery)
+        origin = await pool.create_origin("vm", ORIGIN_SIZE)
+        snap = await pool.create_snapshot(origin, SnapshotSpec("s1", chunk_size=CHUNK))
+        store, log_path = snap.store, snap.store.log_path
+        commits = 0
+        if case == "random":
+            runs = []
+            for old in random_chunks(n):
+                runs.append(ExceptionRun(old, store.prepare_exception(1).new, 1))
+                if len(runs) == batch:
+                    await store.commit_exceptions(runs)
+                    commits, runs = commits + 1, []
+            if runs:
+                await store.commit_exceptions(runs)
+                commits += 1
+        elif case == "sequential":
+            old = 0
+            while old < n:
+                r = store.prepare_exception(min(SEQUENTIAL_RUN, n - old))
+                await store.commit_exceptions([ExceptionRun(old, r.new, r.count)])
+                old += r.count
+                commits += 1
+        await pool.close()
+    if case == "random-1":
+        commits = append_one_per_commit(log_path, random_chunks(n))
+    return commits
+
+
+def append_one_per_commit(log_path: str, olds: list[int]) -> int:
+    """Append to a closed store's empty log the records of one commit per
+    exception, with COW chunks handed out as the store hands them out."""
+    with open(log_path, "r+b") as f:
+        hdr, _ = fmt.pick_header(f.read(fmt.HEADER_AREA))
+        seed = fmt.log_seed(hdr.uuid)
+        alloc = persistent_allocator(hdr.chunk_size)
+        f.seek(0, os.SEEK_END)
+        frames = []
+        for seq, old in enumerate(olds, 1):
+            new, _ = alloc.allocate(1, hdr.cow_size)
+            frames += fmt.encode_exception_records([ExceptionRun(old, new, 1)],
+                                                   first_seq=seq, seed=seed)
+            if len(frames) >= 100_000:
+                f.write(b"".join(frames))
+                frames = []
+        f.write(b"".join(frames))
+        f.flush()
+        os.fsync(f.fileno())
+    return len(olds)
+
+
+# -- mounting them --------------------------------------------------------------------
+
+async def load(path: str) -> dict:
+    """Open the pool at `path` (what a mount does before FUSE starts); the
+    figures of that, for the parent process."""
+    before = rss()
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        pool = await Pool.open(path, nursery)
+        seconds = time.perf_counter() - start
+        grown = rss() - before
+        snap = pool.lookup(SNAPSHOT)
+        out = {"seconds": seconds, "rss": grown, "exceptions": len(snap.complete),
+               "table_entries": snap.complete.entries(), "runs": snap.store.stats()["runs"],
+               "valid": snap.valid}
+        await pool.close()
+    return out
+
+
+def measure(path: str, runs: int) -> list[dict]:
+    """`runs` loads of the pool at `path`, each in a fresh process."""
+    out = []
+    for _ in range(runs):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--load", path],
+                           capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"loading {path} failed:\n{p.stderr.strip()}")
+        out.append(json.loads(p.stdout))
+    return out
+
+
+# -- the report -------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(n: int, results: dict[str, dict], base_rss: float) -> list[dict]:
+    """Print the table and the target lines; return the target checks."""
+    print(f"{'case':<11} {'exceptions':>10} {'runs':>9} {'records':>9} | "
+          f"{'mount s':>7} {'RSS MB':>7} {'B/exception':>11}")
+    for case, r in results.items():
+        print(f"{case:<11} {r['exceptions']:>10} {r['runs']:>9} {r['records']:>9} | "
+              f"{r['seconds']:>7.2f} {r['rss'] / 1e6:>7.1f} {r['bytes_per_exception']:>11.1f}")
+    print(f"(medians; RSS growth of Pool.open less the empty pool's {base_rss / 1e6:.1f} MB)")
+    checks = []
+    limits = {"random": RANDOM_BYTES, "sequential": SEQUENTIAL_BYTES, "random-1": RANDOM_BYTES}
+    for case, r in results.items():
+        what = f"{n} {case} exceptions"
+        checks.append({"target": f"{what}: mount < {MOUNT_SECONDS:g} s",
+                       "value": round(r["seconds"], 3), "ok": r["seconds"] < MOUNT_SECONDS})
+        checks.append({"target": f"{what}: <= {limits[case]:g} B RSS each",
+                       "value": round(r["bytes_per_exception"], 1),
+                       "ok": r["bytes_per_exception"] <= limits[case]})
+    width = max(len(c["target"]) for c in checks)
+    for c in checks:
+        print(f"  {c['target']:<{width}}  {c['value']:>8}  {verdict(c['ok'])}")
+    return checks
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="dmfs: mount time and RSS per exception of one "
+                                "snapshot (issue 4, Scale)")
+    p.add_argument("--exceptions", type=int, default=1_000_000, metavar="N",
+                   help="exceptions per snapshot (default 1000000)")
+    p.add_argument("--runs", type=int, default=3, help="mounts per case, median (default 3)")
+    p.add_argument("--batch", type=int, default=1000,
+                   help="exceptions per commit of the random case (default 1000)")
+    p.add_argument("--only", default=",".join(CASES),
+                   help=f"comma-separated cases (default {','.join(CASES)})")
+    p.add_argument("--workdir", help="parent of the temporary directory (default /tmp)")
+    p.add_argument("--json", metavar="FILE", help="also write every run and the checks here")
+    p.add_argument("--keep", action="store_true", help="keep the pools (the path is printed)")
+    p.add_argument("--load", metavar="POOL", help=argparse.SUPPRESS)   # the child process
+    args = p.parse_args(argv)
+    args.only = [c for c in args.only.split(",") if c]
+    unknown = set(args.only) - set(CASES)
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(sorted(unknown))}; cases: {', '.join(CASES)}")
+    if args.exceptions < 1 or args.runs < 1 or args.batch < 1:
+        p.error("--exceptions, --runs and --batch must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.load:
+        print(json.dumps(trio.run(load, args.load)))
+        return 0
+    n = args.exceptions
+    load_before = os.getloadavg()
+    say(f"dmfs scale: {n} exceptions per snapshot, median of {args.runs} mount(s); "
+        f"load average {load_before[0]:.2f}")
+    if load_before[0] > BUSY_LOAD:
+        say(f"warning: load average {load_before[0]:.2f}: the machine is busy, "
+            "mount times will read slower")
+    top = tempfile.mkdtemp(prefix="dmfs-scale-", dir=args.workdir)
+    runs: dict[str, list[dict]] = {}
+    records: dict[str, int] = {}
+    try:
+        for case in ["empty"] + args.only:
+            path = os.path.join(top, case)
+            start = time.perf_counter()
+            records[case] = trio.run(build, path, case, n, args.batch)
+            say(f"{case}: built in {time.perf_counter() - start:.1f} s "
+                f"({records[case]} log records); mounting {args.runs} time(s)")
+            runs[case] = measure(path, args.runs)
+    finally:
+        if args.keep:
+            say(f"pools kept in {top}")
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+    base_rss = statistics.median(r["rss"] for r in runs["empty"])
+    results = {}
+    for case in args.only:
+        rs = runs[case]
+        if not all(r["valid"] and r["exceptions"] == n for r in rs):
+            raise RuntimeError(f"{case}: the snapshot did not load all {n} exceptions: {rs}")
+        grown = statistics.median(r["rss"] for r in rs)
+        results[case] = {"exceptions": n, "runs": rs[0]["runs"], "records": records[case],
+                         "seconds": statistics.median(r["seconds"] for r in rs),
+                         "rss": grown, "bytes_per_exception": (grown - base_rss) / n}
+    checks = report(n, results, base_rss)
+    load_after = os.getloadavg()
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+          f"{os.cpu_count()} CPUs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"exceptions": n, "batch": args.batch, "runs": runs, "results": results,
+                       "checks": checks, "loadavg": [load_before, load_after]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -135,6 +135,10 @@ class MappedDevice:
         Raises:
           DmError: the request failed (its errno is the first error).
         """
+        # A checkpoint even when nothing below waits: a page-cached request
+        # never blocks, and a loop of them must not starve other tasks (a
+        # suspend, the write-back applier, the committer).
+        await trio.lowlevel.checkpoint()
         while self.suspended:
             await self._resumed.wait()
         self.in_flight += 1

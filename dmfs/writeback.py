@@ -44,13 +44,14 @@ REGION_SHIFT = 20
 
 
 class _Entry:
-    __slots__ = ("start", "end", "data", "deps", "applied")
+    __slots__ = ("start", "end", "data", "deps", "waits", "applied")
 
-    def __init__(self, start: int, data, deps: list[_Entry]):
+    def __init__(self, start: int, data, deps: list[_Entry], waits):
         self.start = start
         self.end = start + len(data)
         self.data = data
         self.deps = deps
+        self.waits = waits
         self.applied = trio.Event()
 
 
@@ -61,14 +62,28 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _apply_all(fd: int, entries: list[_Entry]) -> list[OSError | None]:
+    """Write entries to the origin in order; one error (or None) per entry."""
+    out: list[OSError | None] = []
+    for e in entries:
+        try:
+            _pwrite_all(fd, e.data, e.start)
+            out.append(None)
+        except OSError as err:
+            out.append(err)
+    return out
+
+
 class WritebackCache:
     """Origin writes held until their copy-outs are committed.
 
     Invariants:
-      * every entry not yet applied is in `_regions` for each region it
-        touches, and counted in `nbytes`;
+      * every entry not yet applied is in `_queue` (oldest first), in
+        `_regions` for each region it touches, and counted in `nbytes`;
       * an entry is applied after its deps and after no active snapshot
         needs a copy of any chunk it overwrites;
+      * at most one applier task runs (`_applying`); it lives while the
+        queue is not empty and sleeps on `_kick` when nothing is ready;
       * `error` is the first error of a background write since the last
         flush (reported by the next flush, like a disk's deferred error).
     """
@@ -81,8 +96,11 @@ class WritebackCache:
         self.nbytes = 0
         self.entries = 0
         self.error: int | None = None
+        self._queue: list[_Entry] = []
         self._regions: dict[int, list[_Entry]] = {}
         self._changed = trio.Event()
+        self._kick = trio.Event()
+        self._applying = False
         # Counters for status and benchmarks.
         self.writes_cached = 0
 
@@ -114,53 +132,94 @@ class WritebackCache:
         held, which may mean waiting for room.
         """
         n = len(data)
-        # Always a checkpoint: a writer that never waits must not starve
-        # the tasks that apply the cache.
-        await trio.lowlevel.checkpoint()
+        # No checkpoint when there is room: a writer that never waits
+        # starves the applier only until the cache is full.
         while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
             await self._changed.wait()
         deps = self.overlapping(start, start + n)
-        e = _Entry(start, data, deps)
+        e = _Entry(start, data, deps, waits)
         for r in range(start >> REGION_SHIFT, ((e.end - 1) >> REGION_SHIFT) + 1):
             self._regions.setdefault(r, []).append(e)
+        self._queue.append(e)
         self.nbytes += n
         self.entries += 1
         self.writes_cached += 1
-        self.origin.nursery.start_soon(self._apply, e, waits)
+        if not self._applying:
+            self._applying = True
+            self.origin.nursery.start_soon(self._applier)
 
-    async def _apply(self, e: _Entry, waits) -> None:
+    def kick(self) -> None:
+        """Pending exceptions completed: the applier looks again."""
+        self._kick.set()
+
+    def _ready(self) -> list[_Entry]:
+        """Entries that may be written now, oldest first.
+
+        An entry is ready when its copy-outs are done and its deps are
+        applied or ready before it (they are written first, in order).
+        """
+        o = self.origin
+        ready: list[_Entry] = []
+        taken: set[int] = set()
+        for e in self._queue:
+            if any(not d.applied.is_set() and id(d) not in taken for d in e.deps):
+                continue
+            if any(not pe.done.is_set() for pe in e.waits):
+                continue
+            if any(pe.error is not None for pe in e.waits):
+                # As retry_origin_bios: look again (a failed snapshot is now
+                # invalid and needs nothing).  After successful copies there
+                # is nothing to look for: snapshots only come while the
+                # cache is drained, and their exceptions only go in a merge,
+                # which start_cow leaves alone.
+                e.waits = o.start_cow(e.start, e.end)
+                if e.waits:
+                    continue
+            ready.append(e)
+            taken.add(id(e))
+        return ready
+
+    async def _applier(self) -> None:
         o = self.origin
         try:
-            for d in e.deps:
-                await d.applied.wait()
-            # As retry_origin_bios: go only once no snapshot needs a copy.
-            while waits:
-                for pe in waits:
-                    await pe.wait()
-                waits = o.start_cow(e.start, e.end)
-            await o.wait_invalidations()
-            await run_io(_pwrite_all, o.fd, e.data, e.start, size=e.end - e.start)
-        except OSError as err:
-            log.error("%s: cached write of %d bytes at %d failed: %s", o.filename, e.end - e.start, e.start, err)
-            if self.error is None:
-                self.error = err.errno or errno.EIO
-        except Exception:  # a bug must not hang the writers behind this one
-            log.exception("%s: cached write at %d failed", o.filename, e.start)
-            if self.error is None:
-                self.error = errno.EIO
+            while self._queue:
+                ready = self._ready()
+                if not ready:
+                    await self._kick.wait()
+                    self._kick = trio.Event()
+                    continue
+                try:
+                    await o.wait_invalidations()
+                    size = sum(e.end - e.start for e in ready)
+                    errors = await run_io(_apply_all, o.fd, ready, size=size)
+                except Exception:  # a bug must not hang the writers behind these
+                    log.exception("%s: applying %d cached writes failed", o.filename, len(ready))
+                    errors = [OSError(errno.EIO, "internal error")] * len(ready)
+                for e, err in zip(ready, errors):
+                    if err is not None:
+                        log.error("%s: cached write of %d bytes at %d failed: %s",
+                                  o.filename, e.end - e.start, e.start, err)
+                        if self.error is None:
+                            self.error = err.errno or errno.EIO
+                    self._release(e)
+                ev, self._changed = self._changed, trio.Event()
+                ev.set()
         finally:
-            for r in range(e.start >> REGION_SHIFT, ((e.end - 1) >> REGION_SHIFT) + 1):
-                lst = self._regions[r]
-                lst.remove(e)
-                if not lst:
-                    del self._regions[r]
-            self.nbytes -= e.end - e.start
-            self.entries -= 1
-            e.data = None
-            e.deps = []
-            e.applied.set()
-            ev, self._changed = self._changed, trio.Event()
-            ev.set()
+            self._applying = False
+
+    def _release(self, e: _Entry) -> None:
+        for r in range(e.start >> REGION_SHIFT, ((e.end - 1) >> REGION_SHIFT) + 1):
+            lst = self._regions[r]
+            lst.remove(e)
+            if not lst:
+                del self._regions[r]
+        self._queue.remove(e)
+        self.nbytes -= e.end - e.start
+        self.entries -= 1
+        e.data = None
+        e.deps = []
+        e.waits = []
+        e.applied.set()
 
     async def drain(self) -> None:
         """Wait until every cached write is applied."""

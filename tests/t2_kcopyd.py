@@ -586,3 +586,95 @@ async def test_throttle_percent_is_settable(autojump_clock):
     await kc.throttle.io_job_start()
     kc.throttle.io_job_finish()
     assert kc.throttle.sleeps == 0
+
+
+# -- batched small jobs ------------------------------------------------------
+
+
+async def test_small_jobs_share_one_thread_hop(files, monkeypatch):
+    data = os.urandom(64 * KiB)
+    src = files("src", data)
+    dst_a, dst_b = files("a"), files("b")
+    kc = KcopydClient(batch_max=8 * KiB)
+    hops = []
+    real = client_mod._batch_io
+    monkeypatch.setattr(client_mod, "_batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
+    results = []
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            kc.copy_soon(nursery, Region(src, i * 8 * KiB, 8 * KiB),
+                         [Region(dst_a, i * 8 * KiB, 8 * KiB), Region(dst_b, (7 - i) * 8 * KiB, 8 * KiB)],
+                         lambda r, i=i: results.append((i, r)))
+    assert hops == [8]
+    assert [i for i, _ in results] == list(range(8))  # callbacks in job order
+    assert all(r.ok for _, r in results)
+    assert pread_all(dst_a, 0, 64 * KiB) == data
+    assert pread_all(dst_b, 0, 8 * KiB) == data[56 * KiB:]
+    assert (kc.jobs_done, kc.chunks_in_flight, kc.jobs_in_flight) == (8, 0, 0)
+
+
+async def test_batched_jobs_keep_fifo_admission_under_the_bound(files, monkeypatch):
+    # cow_threshold 3: rounds of 3, 3, 2 jobs; a large job queued in the
+    # middle is admitted in its turn, not overtaken by later small ones.
+    src = files("src", os.urandom(MiB))
+    dst = files("dst")
+    kc = KcopydClient(cow_threshold=3, batch_max=4 * KiB)
+    hops = []
+    real = client_mod._batch_io
+    monkeypatch.setattr(client_mod, "_batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
+    order = []
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            kc.copy_soon(nursery, Region(src, i * 4 * KiB, 4 * KiB), [Region(dst, i * 4 * KiB, 4 * KiB)],
+                         lambda r, i=i: order.append(i))
+        kc.copy_soon(nursery, Region(src, 0, 64 * KiB), [Region(dst, 64 * KiB, 64 * KiB)],
+                     lambda r: order.append("big"), chunks=3)
+        for i in range(4, 8):
+            kc.copy_soon(nursery, Region(src, i * 4 * KiB, 4 * KiB), [Region(dst, i * 4 * KiB, 4 * KiB)],
+                         lambda r, i=i: order.append(i))
+    assert order.index("big") > order.index(3)
+    assert all(order.index("big") < order.index(i) for i in range(4, 8))
+    assert max(hops) <= 3 and sum(hops) == 8
+    assert kc.jobs_done == 9 and kc.chunks_in_flight == 0
+
+
+async def test_batched_job_errors_are_per_destination(files, tmp_path):
+    data = os.urandom(4 * KiB)
+    src = files("src", data)
+    good = files("good")
+    ro = files("ro", flags=os.O_RDONLY)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    kc = KcopydClient(batch_max=4 * KiB)
+    results = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            kc.copy_soon(nursery, Region(src, 0, 4 * KiB), [Region(ro, 0, 4 * KiB), Region(good, 0, 4 * KiB)],
+                         lambda r: results.setdefault("write", r))
+            kc.copy_soon(nursery, Region(dir_fd, 0, 4 * KiB), [Region(good, 4 * KiB, 4 * KiB)],
+                         lambda r: results.setdefault("read", r))
+    finally:
+        os.close(dir_fd)
+    assert results["write"].write_errors == {0: errno.EBADF} and results["write"].read_error is None
+    assert results["read"].read_error == errno.EISDIR
+    assert pread_all(good, 0, 4 * KiB) == data
+    assert kc.jobs_failed == 2
+
+
+async def test_cancelled_batch_worker_gives_the_room_back(files, monkeypatch):
+    gate = Gate(monkeypatch)
+    src = files("src", os.urandom(16 * KiB))
+    dst = files("dst")
+    kc = KcopydClient(cow_threshold=1, batch_max=4 * KiB)
+    done = []
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                kc.copy_soon(nursery, Region(src, i * 4 * KiB, 4 * KiB), [Region(dst, i * 4 * KiB, 4 * KiB)],
+                             done.append)
+            await wait_until(lambda: kc.jobs_in_flight == 1)
+            scope.cancel()
+            gate.release(3)
+    # The job in flight finishes (no I/O is abandoned); the queued ones never run.
+    assert len(done) == 1 and done[0].ok
+    assert (kc.chunks_in_flight, kc.jobs_waiting, kc.jobs_in_flight, gate.calls) == (0, 0, 0, 1)
+    assert os.fstat(dst).st_size == 4 * KiB  # nothing written past the first job

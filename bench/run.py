@@ -8,6 +8,8 @@ workload (rows, see `bench.workloads` and README.md) it takes the median of
 ``--runs`` runs, each on a fresh image where the workload needs first
 writes, and prints one table of MB/s or IOPS, the ratio to the passthrough
 and the daemon's CPU seconds, then the issue's targets as PASS/FAIL/n/a.
+With ``seq-write-first`` selected it first measures the durable-COW disk
+floor (`bench.floor`), the bound the COW first write cannot beat.
 
 Everything it creates lives in a temporary directory (under /tmp or
 ``--workdir``) and is removed at the end, with the mounts and loop devices,
@@ -34,6 +36,7 @@ if __package__ in (None, ""):   # `python bench/run.py`: make `bench` importable
 
 from bench.common import (Unavailable, cpu_seconds, drop_file_cache,  # noqa: E402
                           find_tool, human_size, parse_size, profiler, remove_tree, run)
+from bench.floor import durable_cow_floor  # noqa: E402
 from bench.report import Results  # noqa: E402
 from bench.systems import REPO, SYSTEMS, System  # noqa: E402
 from bench.workloads import SCENARIOS, WORKLOADS, Context, Scenario  # noqa: E402
@@ -107,6 +110,24 @@ class Runner:
 
     def say(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    def measure_disk_floor(self, workdir: str) -> None:
+        """`durable_cow_floor` ``--runs`` times, into ``results.disk_floor``."""
+        directory = os.path.join(workdir, "floor")
+        os.makedirs(directory, exist_ok=True)
+        try:
+            for r in range(1, self.args.runs + 1):
+                try:
+                    rate = durable_cow_floor(directory, self.ctx.size, cold=not self.args.warm)
+                except OSError as e:
+                    self.say(f"disk floor run {r}: FAILED: {e}")
+                    self.results.disk_floor.note = f"error: {e}"
+                    return
+                self.results.disk_floor.values.append(rate)
+                self.say(f"{'disk floor':<11} {'durable COW':<22} run {r}/{self.args.runs}: "
+                         f"{rate:8.1f} MB/s")
+        finally:
+            remove_tree(directory)   # 2 x --size: not kept beside the systems' images
 
     def run_system(self, system: System) -> None:
         for scenario in SCENARIOS:
@@ -243,6 +264,12 @@ def main(argv=None) -> int:
     print(head, flush=True)
     interrupted = False
     try:
+        if "seq-write-first" in args.only:
+            # Before the systems: alone on the disk, like each of them.
+            runner.measure_disk_floor(workdir)
+            line = results.disk_floor_text()
+            print(line, flush=True)
+            head += "\n" + line
         for system in systems:
             try:
                 system.check()

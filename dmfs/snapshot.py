@@ -35,6 +35,7 @@ allocation never awaits.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -128,6 +129,75 @@ class _TrackedChunks:
             await self._changed.wait()
 
 
+class _PendingTable:
+    """A snapshot's pending exceptions, by origin chunk, one entry per run.
+
+    dm keeps pending exceptions in a hash with one entry per chunk; here a
+    1 MiB copy with 4 KiB chunks would cost 256 dict operations to add and
+    as many to remove, per snapshot.  Few runs are pending at once (COW in
+    flight is bounded by cow_threshold), so two sorted lists and bisect do.
+
+    Invariants: `_starts[i] == _pes[i].old`, sorted; the runs do not
+    overlap; `chunks` is the sum of their counts.
+    """
+
+    __slots__ = ("_starts", "_pes", "chunks")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._pes: list[PendingException] = []
+        self.chunks = 0
+
+    def __len__(self) -> int:
+        return self.chunks
+
+    def add(self, pe: PendingException) -> None:
+        i = bisect.bisect_left(self._starts, pe.old)
+        self._starts.insert(i, pe.old)
+        self._pes.insert(i, pe)
+        self.chunks += pe.count
+
+    def discard(self, pe: PendingException) -> None:
+        """Remove `pe` if it is still listed."""
+        i = bisect.bisect_left(self._starts, pe.old)
+        if i < len(self._pes) and self._pes[i] is pe:
+            del self._starts[i]
+            del self._pes[i]
+            self.chunks -= pe.count
+
+    def get(self, chunk: int) -> PendingException | None:
+        """The pending exception covering `chunk`, or None."""
+        i = bisect.bisect_right(self._starts, chunk) - 1
+        if i >= 0:
+            pe = self._pes[i]
+            if chunk < pe.old + pe.count:
+                return pe
+        return None
+
+    def next_start(self, chunk: int) -> int | None:
+        """The first chunk > `chunk` where a pending run starts, or None."""
+        i = bisect.bisect_right(self._starts, chunk)
+        return self._starts[i] if i < len(self._starts) else None
+
+    def values(self) -> list[PendingException]:
+        return list(self._pes)
+
+
+def _pending_pieces(pending: _PendingTable, start: int, end: int):
+    """Cover chunks [start, end) with pieces (lo, hi, pe): the pending
+    exception covering the piece, or None where nothing is pending."""
+    c = start
+    while c < end:
+        pe = pending.get(c)
+        if pe is not None:
+            hi = min(end, pe.old + pe.count)
+        else:
+            nxt = pending.next_start(c)
+            hi = end if nxt is None else min(end, nxt)
+        yield c, hi, pe
+        c = hi
+
+
 class Volume:
     """What the pool and the FUSE layer see of an origin or a snapshot."""
 
@@ -219,7 +289,7 @@ class Snapshot(Volume):
         self.store = store
         self.config = config
         self.complete = ExceptionTable()
-        self.pending: dict[int, PendingException] = {}
+        self.pending = _PendingTable()
         self.tracked = _TrackedChunks()
         self.valid = store is not None and store.valid
         self.active = False
@@ -300,12 +370,10 @@ class Snapshot(Volume):
             except StoreFull:
                 for pe in out:  # roll back: nothing half-done
                     self.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
-                    for c in range(pe.old, pe.old + pe.count):
-                        del self.pending[c]
+                    self.pending.discard(pe)
                 raise
             pe = PendingException(self, old, run.new, run.count, full)
-            for c in range(old, old + run.count):
-                self.pending[c] = pe
+            self.pending.add(pe)
             out.append(pe)
             old += run.count
             count -= run.count
@@ -341,9 +409,7 @@ class Snapshot(Volume):
             # crash could still bring this snapshot back as valid.
             await self.invalid_durable.wait()
         for pe in pes:
-            for c in range(pe.old, pe.old + pe.count):
-                if self.pending.get(c) is pe:
-                    del self.pending[c]
+            self.pending.discard(pe)
             pe.error = error
             pe.done.set()
         self.origin.cow_progressed()
@@ -455,19 +521,15 @@ class SnapshotTarget(Target):
         while True:
             waits: list[PendingException] = []
             for gap, n in s.complete.missing(c0, c1 - c0):
-                if not s.pending:
-                    # Only a partly written first or last chunk needs a copy.
-                    for c in ((gap, gap + n - 1) if n > 1 else (gap,)):
-                        if not (full_lo <= c < full_hi):
-                            waits.extend(self._start_copy(c))
-                    continue
-                for c in range(gap, gap + n):
-                    pe = s.pending.get(c)
+                for lo, hi, pe in _pending_pieces(s.pending, gap, gap + n):
                     if pe is not None:
                         if not waits or waits[-1] is not pe:
                             waits.append(pe)
-                    elif not (full_lo <= c < full_hi):
-                        waits.extend(self._start_copy(c))
+                        continue
+                    # Only a partly written first or last chunk needs a copy.
+                    for c in ((lo, hi - 1) if hi - lo > 1 else (lo,)):
+                        if not (full_lo <= c < full_hi):
+                            waits.extend(self._start_copy(c))
             if not waits:
                 break
             for pe in waits:
@@ -482,8 +544,7 @@ class SnapshotTarget(Target):
             except StoreFull:
                 for pe in full:
                     s.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
-                    for c in range(pe.old, pe.old + pe.count):
-                        s.pending.pop(c, None)
+                    s.pending.discard(pe)
                 await self._store_full()
         req.target_ctx = full
         clones = []
@@ -493,7 +554,7 @@ class SnapshotTarget(Target):
                 # One of our full pending exceptions (possibly several runs).
                 pos = old
                 while pos < old + n:
-                    pe = s.pending[pos]
+                    pe = s.pending.get(pos)
                     run_end = min(old + n, pe.old + pe.count)
                     lo, hi = max(req.offset, pos * cs), min(req.end, run_end * cs)
                     clones.append(req.clone(lo, hi - lo).remap(fd, (pe.new + pos - pe.old) * cs + lo - pos * cs))
@@ -607,30 +668,19 @@ class Origin(Volume):
                 continue
             c0, c1 = s.chunk_range(start, end)
             for gap, n in s.complete.missing(c0, c1 - c0):
-                if not s.pending:
-                    free = [(gap, n)]
-                else:
-                    free = []
-                    c = gap
-                    while c < gap + n:
-                        pe = s.pending.get(c)
-                        if pe is not None:
-                            if not waits or waits[-1] is not pe:
-                                waits.append(pe)
-                            c = pe.old + pe.count
-                            continue
-                        r = c
-                        while r < gap + n and r not in s.pending:
-                            r += 1
-                        free.append((c, r - c))
-                        c = r
-                for old, cnt in free:
+                for lo, hi, pe in _pending_pieces(s.pending, gap, gap + n):
+                    if pe is not None:
+                        if not waits or waits[-1] is not pe:
+                            waits.append(pe)
+                        continue
                     try:
-                        new.extend(s.new_pending(old, cnt))
+                        new.extend(s.new_pending(lo, hi - lo))
                     except StoreFull:
                         # The point-in-time image cannot be kept: dm invalidates.
                         s.invalidate("exception store is full (origin write)")
                         break
+                if not s.valid:
+                    break
         if new:
             self.start_copy_job(new)
             waits.extend(new)

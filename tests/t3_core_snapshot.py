@@ -359,3 +359,25 @@ async def test_writeback_acknowledges_before_cow_and_suspend_drains_it(pool):
     s2 = await pool.create_snapshot(o, SnapshotSpec("s2", chunk_size=4096))
     assert bytes(await s2.read(0, 8192)) == b"B" * 2048 + b"C" * 4096 + b"A" * 2048
     assert bytes(await s1.read(0, 8192)) == b"A" * 8192
+
+
+async def test_pending_table_is_one_entry_per_run(pool):
+    # A 1 MiB COW copy of 4 KiB chunks is one pending entry, not 256.
+    from dmfs.snapshot import _pending_pieces, _PendingTable
+
+    o = await pool.create_origin("vm", 4 * MiB)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
+    t = _PendingTable()
+    a = s.new_pending(0, 1)[0]   # through the snapshot: also in s.pending
+    t.add(a)
+    b, c = (type(a)(s, old, 1000 + old, n) for old, n in ((10, 256), (300, 4)))
+    t.add(c)
+    t.add(b)
+    assert len(t) == 261 and t.values() == [a, b, c]
+    assert t.get(9) is None and t.get(10) is b and t.get(265) is b and t.get(266) is None
+    assert t.next_start(0) == 10 and t.next_start(10) == 300 and t.next_start(300) is None
+    assert list(_pending_pieces(t, 5, 302)) == [(5, 10, None), (10, 266, b), (266, 300, None), (300, 302, c)]
+    t.discard(b)
+    t.discard(b)   # twice is harmless
+    assert len(t) == 5 and t.get(100) is None
+    assert len(s.pending) == 1 and s.pending.get(0) is a

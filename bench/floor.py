@@ -46,9 +46,11 @@ def durable_cow_floor(directory: str, size: int, cold: bool = True) -> float:
        The clock stops after the last pwrite.
     3. Remove both files.
 
-    A COW first write through dmfs does at least this I/O (plus FUSE, its
-    own metadata and smaller syncs), so it cannot beat this figure beyond
-    noise.  On ext4 copy_file_range reads and writes the data; on a file
+    A COW first write through dmfs does at least this I/O (plus FUSE and
+    its own metadata), so the figure says what the disk allows it.  It is
+    a reference, not a hard bound: dmfs keeps more copies in flight and
+    syncs larger batches, and on a VM the host's cache makes disk figures
+    vary from run to run (dmfs measured up to 1.8 x this on 256 MiB).  On ext4 copy_file_range reads and writes the data; on a file
     system that can share extents (btrfs, XFS with reflink) it may clone
     them instead and read nothing, and the figure is no floor there.
 

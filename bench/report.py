@@ -116,8 +116,8 @@ class Results:
     def disk_floor_text(self) -> str:
         """The header line of the durable-COW disk floor ("" if not measured)."""
         if self.disk_floor.median is not None:
-            return (f"disk floor: {floor.WHAT}: {fmt(self.disk_floor.median)} MB/s; "
-                    "the COW first write cannot beat it")
+            return (f"disk floor: {floor.WHAT}: {fmt(self.disk_floor.median)} MB/s, "
+                    "what the disk allows the COW first write")
         if self.disk_floor.note:
             return f"disk floor: {floor.WHAT}: {self.disk_floor.note}"
         return ""

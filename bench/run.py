@@ -9,7 +9,7 @@ workload (rows, see `bench.workloads` and README.md) it takes the median of
 writes, and prints one table of MB/s or IOPS, the ratio to the passthrough
 and the daemon's CPU seconds, then the issue's targets as PASS/FAIL/n/a.
 With ``seq-write-first`` selected it first measures the durable-COW disk
-floor (`bench.floor`), the bound the COW first write cannot beat.
+floor (`bench.floor`): the COW first write's own I/O without FUSE.
 
 Everything it creates lives in a temporary directory (under /tmp or
 ``--workdir``) and is removed at the end, with the mounts and loop devices,

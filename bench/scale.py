@@ -28,9 +28,13 @@ it (4 KiB chunks, persistent store) holding N exceptions:
 Each pool is then mounted --runs times (`Pool.open`, which replays the log
 and builds the snapshot's exception table; no FUSE), each time in a fresh
 Python process that reports the seconds `Pool.open` took and how much its
-RSS (VmRSS) grew.  The table shows medians; B/exception is the RSS growth
-minus the empty pool's, divided by N.  A busy machine makes the seconds
-worse, so the load average is printed with them.
+RSS (VmRSS) grew.  The first mount is shown on its own: it is the one that
+compacts a wasteful log (random-1's; store/FORMAT.md "Compaction"), and
+its seconds include the compaction (also shown alone).  "later s" and
+RSS are medians of the other mounts (of the first with --runs 1);
+B/exception is the RSS growth minus the empty pool's, divided by N.  A
+busy machine makes the seconds worse, so the load average is printed
+with them.
 """
 
 from __future__ import annotations
@@ -152,8 +156,10 @@ async def load(path: str) -> dict:
         seconds = time.perf_counter() - start
         grown = rss() - before
         snap = pool.lookup(SNAPSHOT)
+        stats = snap.store.stats()
         out = {"seconds": seconds, "rss": grown, "exceptions": len(snap.complete),
-               "table_entries": snap.complete.entries(), "runs": snap.store.stats()["runs"],
+               "table_entries": snap.complete.entries(), "runs": stats["runs"],
+               "log_records": stats["log_records"], "compact_seconds": stats["compact_seconds"],
                "valid": snap.valid}
         await pool.close()
     return out
@@ -179,18 +185,26 @@ def verdict(ok: bool) -> str:
 
 def report(n: int, results: dict[str, dict], base_rss: float) -> list[dict]:
     """Print the table and the target lines; return the target checks."""
-    print(f"{'case':<11} {'exceptions':>10} {'runs':>9} {'records':>9} | "
-          f"{'mount s':>7} {'RSS MB':>7} {'B/exception':>11}")
+    print(f"{'case':<11} {'exceptions':>10} {'runs':>9} {'records':>9} | {'first s':>7} "
+          f"{'compact s':>9} {'records':>9} | {'later s':>7} {'RSS MB':>7} {'B/exception':>11}")
     for case, r in results.items():
+        later = "-" if r["later_seconds"] is None else f"{r['later_seconds']:.2f}"
         print(f"{case:<11} {r['exceptions']:>10} {r['runs']:>9} {r['records']:>9} | "
-              f"{r['seconds']:>7.2f} {r['rss'] / 1e6:>7.1f} {r['bytes_per_exception']:>11.1f}")
-    print(f"(medians; RSS growth of Pool.open less the empty pool's {base_rss / 1e6:.1f} MB)")
+              f"{r['first_seconds']:>7.2f} {r['compact_seconds']:>9.2f} {r['log_records']:>9} | "
+              f"{later:>7} {r['rss'] / 1e6:>7.1f} {r['bytes_per_exception']:>11.1f}")
+    print("(records: as built, then after the first mount, which compacts a wasteful log;\n"
+          " first s includes compact s; later s and RSS: medians of the later mounts;\n"
+          f" RSS growth of Pool.open less the empty pool's {base_rss / 1e6:.1f} MB)")
     checks = []
     limits = {"random": RANDOM_BYTES, "sequential": SEQUENTIAL_BYTES, "random-1": RANDOM_BYTES}
     for case, r in results.items():
         what = f"{n} {case} exceptions"
-        checks.append({"target": f"{what}: mount < {MOUNT_SECONDS:g} s",
-                       "value": round(r["seconds"], 3), "ok": r["seconds"] < MOUNT_SECONDS})
+        mounts = [("first mount", r["first_seconds"])]
+        if r["later_seconds"] is not None:
+            mounts.append(("later mounts", r["later_seconds"]))
+        for which, seconds in mounts:
+            checks.append({"target": f"{what}: {which} < {MOUNT_SECONDS:g} s",
+                           "value": round(seconds, 3), "ok": seconds < MOUNT_SECONDS})
         checks.append({"target": f"{what}: <= {limits[case]:g} B RSS each",
                        "value": round(r["bytes_per_exception"], 1),
                        "ok": r["bytes_per_exception"] <= limits[case]})
@@ -205,7 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "snapshot (issue 4, Scale)")
     p.add_argument("--exceptions", type=int, default=1_000_000, metavar="N",
                    help="exceptions per snapshot (default 1000000)")
-    p.add_argument("--runs", type=int, default=3, help="mounts per case, median (default 3)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="mounts per case: the first, then the median of the rest (default 3)")
     p.add_argument("--batch", type=int, default=1000,
                    help="exceptions per commit of the random case (default 1000)")
     p.add_argument("--only", default=",".join(CASES),
@@ -231,7 +246,7 @@ def main(argv=None) -> int:
         return 0
     n = args.exceptions
     load_before = os.getloadavg()
-    say(f"dmfs scale: {n} exceptions per snapshot, median of {args.runs} mount(s); "
+    say(f"dmfs scale: {n} exceptions per snapshot, {args.runs} mount(s) each; "
         f"load average {load_before[0]:.2f}")
     if load_before[0] > BUSY_LOAD:
         say(f"warning: load average {load_before[0]:.2f}: the machine is busy, "
@@ -252,15 +267,20 @@ def main(argv=None) -> int:
             say(f"pools kept in {top}")
         else:
             shutil.rmtree(top, ignore_errors=True)
-    base_rss = statistics.median(r["rss"] for r in runs["empty"])
+    base_rss = statistics.median(r["rss"] for r in runs["empty"][1:] or runs["empty"])
     results = {}
     for case in args.only:
         rs = runs[case]
         if not all(r["valid"] and r["exceptions"] == n for r in rs):
             raise RuntimeError(f"{case}: the snapshot did not load all {n} exceptions: {rs}")
-        grown = statistics.median(r["rss"] for r in rs)
+        later = rs[1:]
+        grown = statistics.median(r["rss"] for r in later or rs)
         results[case] = {"exceptions": n, "runs": rs[0]["runs"], "records": records[case],
-                         "seconds": statistics.median(r["seconds"] for r in rs),
+                         "first_seconds": rs[0]["seconds"],
+                         "compact_seconds": rs[0]["compact_seconds"],
+                         "log_records": rs[0]["log_records"],
+                         "later_seconds": statistics.median(r["seconds"] for r in later)
+                         if later else None,
                          "rss": grown, "bytes_per_exception": (grown - base_rss) / n}
     checks = report(n, results, base_rss)
     load_after = os.getloadavg()

@@ -186,13 +186,14 @@ def verdict(ok: bool) -> str:
 def report(n: int, results: dict[str, dict], base_rss: float) -> list[dict]:
     """Print the table and the target lines; return the target checks."""
     print(f"{'case':<11} {'exceptions':>10} {'runs':>9} {'records':>9} | {'first s':>7} "
-          f"{'compact s':>9} {'records':>9} | {'later s':>7} {'RSS MB':>7} {'B/exception':>11}")
+          f"{'compact s':>9} {'after 1st':>9} | {'later s':>7} {'RSS MB':>7} {'B/exception':>11}")
     for case, r in results.items():
         later = "-" if r["later_seconds"] is None else f"{r['later_seconds']:.2f}"
         print(f"{case:<11} {r['exceptions']:>10} {r['runs']:>9} {r['records']:>9} | "
               f"{r['first_seconds']:>7.2f} {r['compact_seconds']:>9.2f} {r['log_records']:>9} | "
               f"{later:>7} {r['rss'] / 1e6:>7.1f} {r['bytes_per_exception']:>11.1f}")
-    print("(records: as built, then after the first mount, which compacts a wasteful log;\n"
+    print("(records: in the log as built; after 1st: after the first mount, which compacts a\n"
+          " wasteful log;"
           " first s includes compact s; later s and RSS: medians of the later mounts;\n"
           f" RSS growth of Pool.open less the empty pool's {base_rss / 1e6:.1f} MB)")
     checks = []

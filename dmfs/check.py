@@ -16,7 +16,11 @@ meanwhile).  For every origin (``NAME.json``) and each snapshot it lists:
 * space: chunks below next_free that no exception uses are holes left
   by a crash (or a merge) and are reused on the next mount — reported,
   not errors; the .cow file must hold every mapped chunk;
-* stores in the pool directory that no origin lists (orphans).
+* stores in the pool directory that no origin lists (orphans), and the
+  leftover temporary file of a log compaction a crash interrupted
+  (``NAME.log.compact``; the log itself is complete either way, and the
+  next mount deletes it).  A compacted log is checked like any other:
+  its format is the same.
 
 One line per finding, then a summary.  Severities: ``ERROR`` (the pool
 is not consistent), ``warning`` (consistent, but worth knowing: an
@@ -42,7 +46,7 @@ from typing import TextIO
 
 from store import format as fmt
 from store.fileio import OS_IO
-from store.persistent import check_geometry, write_header_slots
+from store.persistent import LOG_COMPACT_SUFFIX, check_geometry, write_header_slots
 
 from .cli import QuietError
 from .errors import DmError
@@ -144,6 +148,9 @@ def check_pool(pool: str, report: Report, repair: bool = False) -> None:
                                f"reclaim {human_size(size)}")
         elif n.endswith(".tmp"):
             report.warning(n, "leftover of an interrupted metadata update; it can be deleted")
+        elif n.endswith(LOG_COMPACT_SUFFIX):
+            report.warning(n, "leftover of an interrupted log compaction (the .log is complete); "
+                           "the next mount deletes it, or delete it")
         elif n.endswith(".img") and "@" not in n and n[:-4] not in origins:
             report.warning(n, "origin data without its .json: no mount lists it")
     verdict = "consistent" if report.errors == 0 else \

@@ -18,6 +18,7 @@ from dmfs.errors import DmError
 from .base import SECTOR as SECTOR
 from .base import ExceptionRun as ExceptionRun
 from .base import ExceptionStore as ExceptionStore
+from .persistent import LOG_COMPACT_SUFFIX
 from .persistent import PersistentStore as PersistentStore
 from .transient import TransientStore as TransientStore
 
@@ -80,9 +81,10 @@ async def open_store(base_path: str, type_name: str) -> ExceptionStore:
 
 
 async def remove_store(base_path: str) -> None:
-    """Delete whatever files a store at `base_path` left (.cow, .log); no error if none."""
+    """Delete whatever files a store at `base_path` left (.cow, .log, and a
+    leftover of an interrupted log compaction); no error if none."""
     def unlink() -> None:
-        for suffix in (".cow", ".log"):
+        for suffix in (".cow", ".log", LOG_COMPACT_SUFFIX):
             try:
                 os.unlink(base_path + suffix)
             except FileNotFoundError:

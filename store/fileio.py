@@ -1,7 +1,7 @@
 """The system calls of the persistent store, in one replaceable object.
 
-`PersistentStore` does every read, write, sync, truncate, open and
-unlink of its files through a `FileIO`.  Production uses `OS_IO`, whose
+`PersistentStore` does every read, write, sync, truncate, open, rename
+and unlink of its files through a `FileIO`.  Production uses `OS_IO`, whose
 methods *are* the `os` functions (no wrapper call, so the cost is one
 attribute lookup per system call).  The power-loss tests pass their own
 object with the same methods, which records every write and sync and
@@ -24,7 +24,8 @@ class FileIO:
       open(path, flags, mode=0o777) -> fd, close(fd),
       pread(fd, n, offset) -> bytes, pwrite(fd, data, offset) -> n,
       fdatasync(fd), fsync(fd), ftruncate(fd, size), unlink(path),
-      size(fd) -> st_size, fsync_dir(path): fsync the directory holding path.
+      rename(src, dst), size(fd) -> st_size,
+      fsync_dir(path): fsync the directory holding path.
     """
 
     open = staticmethod(os.open)
@@ -35,6 +36,7 @@ class FileIO:
     fsync = staticmethod(os.fsync)
     ftruncate = staticmethod(os.ftruncate)
     unlink = staticmethod(os.unlink)
+    rename = staticmethod(os.rename)
 
     @staticmethod
     def size(fd: int) -> int:

@@ -26,6 +26,10 @@ hands the result to the core (`exceptions()`), whose table is then the
 only copy; a merge, which needs them in log order, reads the log again
 when it starts (`prepare_merge`).
 
+A log of many small records (one per commit at queue depth 1) is slow
+to replay; `open` then rewrites it compactly (`_compact`, FORMAT.md
+"Compaction") before it returns, so later opens are fast.
+
 Every system call goes through a `FileIO` object (store/fileio.py), so
 the power-loss tests can run the store over a file layer that records
 writes and syncs.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from array import array
 from dataclasses import dataclass, field
 from itertools import chain
@@ -55,6 +60,8 @@ log = logging.getLogger(__name__)
 
 MIN_CHUNK = 512
 MAX_CHUNK = 1 << 30
+# A compacted log is written here, then renamed over BASE.log.
+LOG_COMPACT_SUFFIX = ".log.compact"
 
 
 # -- helpers shared with the transient store ------------------------------
@@ -147,7 +154,8 @@ class PersistentStore(ExceptionStore):
         records are appended only under `_log_lock`, one append at a time;
       * `_committed_chunks` counts the committed exception chunks,
         `_run_count` the runs a replay of the log would list
-        (`fmt.replay`), the last of them `_tail`;
+        (`fmt.replay`), the last of them `_tail`; `_log_records` counts
+        the log's records;
       * `_merge_runs`, once a merge loaded it, is what a replay of the log
         says, in log order; it changes only under `_log_lock`, with the
         append that changes the log;
@@ -161,6 +169,8 @@ class PersistentStore(ExceptionStore):
       records: log records written since open.
       committed_chunks: exception chunks committed since open.
       max_batch: the most chunks one group commit carried.
+      compact_seconds: time open spent compacting the log (0.0 if it
+        did not).
     """
 
     def __init__(self, base_path: str, hdr: fmt.Header, hdr_slot: int,
@@ -181,12 +191,14 @@ class PersistentStore(ExceptionStore):
         self.records = 0
         self.committed_chunks = 0
         self.max_batch = 0
+        self.compact_seconds = 0.0
         self._io = io
         self._hdr = hdr
         self._hdr_slot = hdr_slot
         self._seed = fmt.log_seed(hdr.uuid)
         self._log_end = fmt.LOG_START
         self._seq = 0
+        self._log_records = 0
         self._opened: array | None = array("q")   # until the core takes them
         self._merge_runs: array | None = None     # loaded by the first prepare_merge
         self._committed_chunks = 0
@@ -269,6 +281,8 @@ class PersistentStore(ExceptionStore):
 
         A torn tail of the log (what a crash during an append leaves) is
         cut off, durably, so the next append follows the last good record.
+        A wasteful log is compacted before this returns (`_compact`); a
+        leftover of a compaction that a crash interrupted is deleted.
         A damaged record followed by good records of a later commit is not
         a torn tail: records that were once durable would be lost, so the
         store refuses to open (EIO) and nothing is changed on disk; the
@@ -286,6 +300,14 @@ class PersistentStore(ExceptionStore):
         cow_path, log_path = base_path + ".cow", base_path + ".log"
 
         def read() -> tuple[int, int, bytes]:
+            # A crash during a compaction: the log named BASE.log is the
+            # old or the new one, complete either way (see `_compact`).
+            try:
+                io.unlink(base_path + LOG_COMPACT_SUFFIX)
+                log.warning("%s: removed the leftover of an interrupted log compaction",
+                            base_path)
+            except FileNotFoundError:
+                pass
             log_fd = io.open(log_path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 buf = io.read_all(log_fd)
@@ -351,6 +373,7 @@ class PersistentStore(ExceptionStore):
         self.valid, self.overflow, self.cow_size = st.valid, st.overflow, st.cow_size
         self._seq = scan.last_seq
         self._log_end = scan.end
+        self._log_records = len(scan.records)
         if scan.torn or len(buf) < fmt.LOG_START:
             log.warning("%s: cutting torn log tail at %d of %d bytes (%s%s)", self.log_path,
                         scan.end, len(buf), scan.stop or "short header area",
@@ -372,6 +395,74 @@ class PersistentStore(ExceptionStore):
             await trio.to_thread.run_sync(fix)
         except OSError as e:
             raise DmError(errno.EIO, f"cannot repair {self.log_path}: {e}") from None
+        # An invalid store is never written again: it can only be deleted.
+        if self.valid and fmt.worth_compacting(len(scan.records), self._run_count):
+            await self._compact(st.runs)
+
+    async def _compact(self, runs: array) -> None:
+        """Replace the log by its header and `runs` in as few records as
+        possible (`fmt.compact_log`), crash-safely.
+
+        The new log is written to BASE.log.compact and fdatasync'ed, then
+        renamed over BASE.log and the directory fsync'ed: a crash leaves
+        the old complete log or the new one, and `open` deletes a leftover
+        temporary file.  Called by `open` before the store is shared, so
+        no append can run meanwhile.
+
+        Args:
+          runs: the committed runs in log order, as a replay of the log
+            gives them.
+
+        Raises:
+          DmError(EIO): the directory could not be synced after the
+            rename, so which log a crash would leave is unknown; the
+            store is not opened (the next open finds a complete log).
+        """
+        start = time.perf_counter()
+        hdr = self._hdr.replace(valid=self.valid, overflow=self.overflow,
+                                cow_size=self.cow_size, type_name=self.type_name)
+        new = fmt.compact_log(hdr, runs, max_runs=fmt.COMPACT_RECORD_RUNS)
+        io, tmp, log_path = self._io, self.base_path + LOG_COMPACT_SUFFIX, self.log_path
+
+        def work() -> tuple[int, OSError | None]:
+            fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                io.pwrite_all(fd, new.data, 0)
+                io.fdatasync(fd)     # complete before its name can be the log
+                io.rename(tmp, log_path)
+            except BaseException:
+                io.close(fd)
+                try:
+                    io.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            try:
+                io.fsync_dir(log_path)
+            except OSError as e:
+                return fd, e
+            return fd, None
+
+        try:
+            with trio.CancelScope(shield=True):
+                fd, dir_error = await trio.to_thread.run_sync(work)
+        except OSError as e:
+            log.warning("%s: log not compacted, the old one stays: %s", log_path, e)
+            return
+        # From the rename on, BASE.log names the new file: appends go there.
+        old_fd, self.log_fd = self.log_fd, fd
+        io.close(old_fd)
+        if dir_error is not None:
+            raise DmError(errno.EIO, f"cannot sync the directory of {log_path} after "
+                          f"compacting it: {dir_error}")
+        old_records, old_end = self._log_records, self._log_end
+        self._hdr, self._hdr_slot = new.header, 1
+        self._log_end, self._seq, self._log_records = len(new.data), new.records, new.records
+        self._run_count = new.runs
+        self.compact_seconds = time.perf_counter() - start
+        log.info("%s: compacted %d records (%d bytes) into %d (%d bytes) in %.2f s",
+                 log_path, old_records, old_end, new.records, len(new.data),
+                 self.compact_seconds)
 
     def exceptions(self) -> array:
         """Hand over the exceptions the log held at open (see
@@ -533,6 +624,7 @@ class PersistentStore(ExceptionStore):
                 return
             self._log_end = off + len(data)
             self._seq += len(frames)
+            self._log_records += len(frames)
             self._note_commit(runs)
         chunks = sum(r.count for r in runs)
         self.commits += 1
@@ -653,6 +745,7 @@ class PersistentStore(ExceptionStore):
                 raise DmError(errno.EIO, f"merge commit to {self.log_path} failed: {e}") from None
             self._log_end = off + len(frame)
             self._seq += 1
+            self._log_records += 1
             runs[i:j] = pieces
             self._committed_chunks -= run.count
             self._run_count = len(runs) // 3
@@ -808,14 +901,18 @@ class PersistentStore(ExceptionStore):
           replay of the log lists them: consecutive chunks committed
           together or one commit after the other are one run);
         free_chunks: holes below next_free waiting for reuse;
-        log_bytes: where the next record goes.
+        log_bytes: where the next record goes;
+        log_records: the records the log holds;
+        compact_seconds: what compacting the log at open took (0.0: not
+          compacted).
         """
         return {
             "commits": self.commits, "records": self.records,
             "committed_chunks": self.committed_chunks, "max_batch": self.max_batch,
             "exceptions": self._committed_chunks, "runs": self._run_count,
             "next_free": self._alloc.next_free, "free_chunks": self._alloc.free_chunks(),
-            "log_bytes": self._log_end,
+            "log_bytes": self._log_end, "log_records": self._log_records,
+            "compact_seconds": self.compact_seconds,
         }
 
     @property

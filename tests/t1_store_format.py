@@ -367,3 +367,28 @@ def test_sort_by_origin_merges_continuing_runs_and_refuses_overlaps():
 def test_empty_log():
     scan = fmt.scan_log(log_with([]), seed=SEED)
     assert (scan.records, scan.end, scan.stop) == ([], fmt.LOG_START, None)
+
+
+def test_compact_log_keeps_log_order_state_and_counts_joined_runs():
+    # 9 and 10 meet where the first record ends: a replay joins them
+    runs = array("q", [50, 2, 1, 30, 3, 1, 9, 4, 1, 10, 5, 2, 7, 20, 1])
+    hdr = header(gen=6, valid=True, overflow=True, cow_size=2 << 30)
+    new = fmt.compact_log(hdr, runs, max_runs=3)
+    assert (new.header, new.records, new.runs) == (hdr.replace(gen=8), 2, 4)
+    assert fmt.pick_header(new.data[:fmt.HEADER_AREA]) == (hdr.replace(gen=8), 1)
+    assert fmt.decode_header(new.data[:fmt.SLOT_SIZE]) == hdr.replace(gen=7)
+    scan = fmt.scan_log(new.data, seed=SEED)
+    assert scan.end == len(new.data) and not scan.torn
+    assert [(r.seq, r.batch) for r in scan.records] == [(1, 1), (2, 1)]
+    st = fmt.replay(scan.records, new.header, layout=False)
+    assert st.runs.tolist() == [50, 2, 1, 30, 3, 1, 9, 4, 3, 7, 20, 1]
+    assert (st.valid, st.overflow, st.cow_size) == (True, True, 2 << 30)
+    empty = fmt.compact_log(hdr, array("q"))
+    assert (len(empty.data), empty.records, empty.runs) == (fmt.HEADER_AREA, 0, 0)
+
+
+@pytest.mark.parametrize("records,runs,want", [
+    (4095, 0, False), (4096, 8 * 4096 - 1, True), (4096, 8 * 4096, False), (1000, 10**6, False),
+    (10**6, 10**6, True)])
+def test_compaction_rule(records, runs, want):
+    assert fmt.worth_compacting(records, runs) is want

@@ -11,6 +11,8 @@ from dmfs.errors import DmError, SnapshotInvalid, StoreFull
 from store import PersistentStore, create_store, open_store, remove_store
 from store import format as fmt
 from store.base import ExceptionRun
+from store.fileio import FileIO
+from store.persistent import LOG_COMPACT_SUFFIX
 
 K4 = 4096
 G1 = 1 << 30
@@ -701,4 +703,137 @@ async def test_merge_refuses_a_log_damaged_since_open(base):
     with pytest.raises(DmError, match="changed since it was opened") as ei:
         await s.prepare_merge(1)
     assert ei.value.errno == errno.EIO
+    await s.close()
+
+
+# -- compaction ------------------------------------------------------------------
+
+def log_records(base):
+    buf = open(base + ".log", "rb").read()
+    hdr, slot = fmt.pick_header(buf[:fmt.HEADER_AREA])
+    return hdr, slot, fmt.scan_log(buf, seed=fmt.log_seed(hdr.uuid))
+
+
+@pytest.fixture
+def compact_small(monkeypatch):
+    """Compact logs of 8 records or more; 3 runs per record."""
+    monkeypatch.setattr(fmt, "COMPACT_MIN_RECORDS", 8)
+    monkeypatch.setattr(fmt, "COMPACT_RECORD_RUNS", 3)
+
+
+async def test_open_compacts_a_log_of_small_records(base, compact_small):
+    s = await make(base)
+    for i in range(12):
+        await commit_one(s, 10 * i if i != 5 else 41)     # 41 continues 40 (old and new)
+    for _ in range(2):
+        await s.commit_merge(await s.prepare_merge(1))
+    await s.set_overflow()
+    await s.close()
+    hdr0, _, scan0 = log_records(base)
+    assert len(scan0.records) == 14
+    s = await PersistentStore.open(base)
+    want = s.exceptions().tolist()
+    assert s.compact_seconds > 0 and not os.path.exists(base + LOG_COMPACT_SUFFIX)
+    hdr, slot, scan = log_records(base)
+    # 9 runs left, 3 per record, one commit; the state is in both slots
+    assert [(r.seq, r.batch, r.kind) for r in scan.records] == [(1, 1, "e"), (2, 1, "e"), (3, 1, "e")]
+    assert (hdr.gen, slot, hdr.overflow, hdr.uuid) == (hdr0.gen + 2, 1, True, hdr0.uuid)
+    assert fmt.decode_header(open(base + ".log", "rb").read()[:fmt.SLOT_SIZE]) == \
+        hdr.replace(gen=hdr.gen - 1)
+    st = s.stats()
+    assert (st["log_records"], st["log_bytes"], st["runs"]) == (3, scan.end, 9)
+    # the open store appends to the new log, merges from it, updates its header
+    run = await commit_one(s, 500)
+    last = await s.prepare_merge(1)
+    assert last == run
+    await s.commit_merge(last)
+    await commit_one(s, 600)
+    await s.set_cow_size(2 * G1)
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert chunks_of(s.exceptions()) == chunks_of(want) | {(600, 12)}
+    assert (s.cow_size, s.overflow, s.stats()["log_records"], s.compact_seconds) == (2 * G1, False, 6, 0.0)
+    await s.close()
+
+
+async def test_logs_of_fat_or_few_records_are_not_compacted(base, monkeypatch):
+    monkeypatch.setattr(fmt, "COMPACT_MIN_RECORDS", 8)
+    s = await make(base)
+    for i in range(7):                                   # too few records
+        await commit_one(s, 10 * i)
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.compact_seconds == 0.0 and s.stats()["log_records"] == 7
+    for i in range(3):                                   # 82 runs in 10 records
+        await s.commit_exceptions([ExceptionRun(1000 + 100 * i + 2 * k, s.prepare_exception().new)
+                                   for k in range(25)])
+    await s.close()
+    s = await PersistentStore.open(base)
+    assert s.compact_seconds == 0.0 and s.stats()["log_records"] == 10
+    await s.close()
+
+
+async def test_invalid_store_is_not_compacted(base, compact_small):
+    s = await make(base)
+    for i in range(10):
+        await commit_one(s, 10 * i)
+    await s.drop_snapshot()
+    await s.close()
+    before = open(base + ".log", "rb").read()
+    s = await PersistentStore.open(base)
+    assert not s.valid and s.compact_seconds == 0.0
+    await s.close()
+    assert open(base + ".log", "rb").read() == before
+
+
+async def test_leftover_of_an_interrupted_compaction_is_removed(base):
+    s = await make(base)
+    await commit_one(s, 7)
+    await s.close()
+    with open(base + LOG_COMPACT_SUFFIX, "wb") as f:
+        f.write(b"half a log")
+    s = await PersistentStore.open(base)
+    assert not os.path.exists(base + LOG_COMPACT_SUFFIX)
+    assert runs_of(s.exceptions()) == [ExceptionRun(7, 2)]
+    await s.close()
+
+
+class FailingIO(FileIO):
+    """Fails `rename` or `fsync_dir` with ENOSPC/EIO when told to."""
+    fail: str | None = None
+
+    def rename(self, src, dst):
+        if self.fail == "rename":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().rename(src, dst)
+
+    def fsync_dir(self, path):
+        if self.fail == "fsync_dir":
+            raise OSError(errno.EIO, "Input/output error")
+        super().fsync_dir(path)
+
+
+async def test_failed_compaction_keeps_the_old_log(base, compact_small):
+    s = await make(base)
+    for i in range(10):
+        await commit_one(s, 10 * i)
+    await s.close()
+    before = open(base + ".log", "rb").read()
+    io = FailingIO()
+    io.fail = "rename"
+    s = await PersistentStore.open(base, io=io)
+    assert s.compact_seconds == 0.0 and s.stats()["log_records"] == 10
+    assert not os.path.exists(base + LOG_COMPACT_SUFFIX)
+    await commit_one(s, 500)                             # appended to the old log
+    await s.close()
+    assert open(base + ".log", "rb").read().startswith(before)
+    # the rename done but not known durable: the open fails, the next one
+    # finds a complete log
+    io.fail = "fsync_dir"
+    with pytest.raises(DmError, match="cannot sync the directory") as ei:
+        await PersistentStore.open(base, io=io)
+    assert ei.value.errno == errno.EIO
+    s = await PersistentStore.open(base)
+    assert chunks_of(s.exceptions()) == {(10 * i, 2 + i) for i in range(10)} | {(500, 12)}
+    assert s.stats()["log_records"] == 4
     await s.close()

@@ -27,6 +27,10 @@ chunks:
 * no COW chunk is lost: every chunk below next_free is used or free;
 * for some states, a commit after recovery survives a clean reopen.
 
+A second workload compacts the log at open (twice) and checks the same
+at every step of the compactions: the temporary file, its sync, the
+rename over the log, the directory sync, and the appends to the new log.
+
 The number of states is bounded by sampling (`STATES_PER_POINT`);
 DMFS_SLOW=1 explores ten times as many.
 """
@@ -48,6 +52,7 @@ from store import format as fmt
 from store.base import ExceptionRun
 from store.chunks import persistent_allocator
 from store.fileio import FileIO
+from store.persistent import LOG_COMPACT_SUFFIX
 
 SECTOR = 512
 CS = 1024                      # chunk size: two sectors, so chunks can tear
@@ -60,37 +65,58 @@ BASE = "/sim/vm@s1"
 # -- the simulated file layer ------------------------------------------------------
 
 class SimFS(FileIO):
-    """Files in memory; every pwrite/ftruncate/sync appended to `trace`.
+    """Files in memory; every pwrite/ftruncate/sync/rename appended to `trace`.
 
-    `files` is what reads see (the page cache).  Creating a file and
-    unlinking it are durable at once (no directory modelling).  Trace
-    entries: ("w", path, offset, bytes), ("t", path, size), ("s", path).
+    A file (an inode) has a key: its name when `mark` ran or when it was
+    created (plus "#n" if that key was taken), and keeps it across renames,
+    so its writes and syncs stay one history.  `names` maps names to keys,
+    `inodes` keys to contents: what reads see (the page cache); `files`
+    is the view by name.  Creating a file and unlinking it are durable at
+    once; a rename only once the directory is synced.  Trace entries:
+    ("w", key, offset, bytes), ("t", key, size), ("s", key),
+    ("c", name, key), ("u", name), ("r", old name, new name), ("d", dir).
     """
 
     def __init__(self, files: dict[str, bytes] | None = None):
         self.lock = threading.Lock()
-        self.files = {p: bytearray(b) for p, b in (files or {}).items()}
+        self.inodes = {p: bytearray(b) for p, b in (files or {}).items()}
+        self.names = {p: p for p in self.inodes}
         self.fds: dict[int, str] = {}
         self._next_fd = 1000
         self.trace: list[tuple] = []
         self.base: dict[str, bytes] = {}
 
+    @property
+    def files(self) -> dict[str, bytearray]:
+        return {name: self.inodes[key] for name, key in self.names.items()}
+
     def mark(self) -> None:
-        """Everything so far is durable; crash points start here."""
+        """Everything so far is durable; crash points start here.  Every
+        file's key becomes its name; unnamed files are forgotten."""
         with self.lock:
-            self.base = {p: bytes(b) for p, b in self.files.items()}
+            rekey = {key: name for name, key in self.names.items()}
+            self.fds = {fd: rekey[key] for fd, key in self.fds.items() if key in rekey}
+            self.inodes = {name: self.inodes[key] for name, key in self.names.items()}
+            self.names = {name: name for name in self.inodes}
+            self.base = {p: bytes(b) for p, b in self.inodes.items()}
             self.trace = []
 
     def open(self, path, flags, mode=0o777):
         with self.lock:
-            if path not in self.files:
+            if path not in self.names:
                 if not flags & os.O_CREAT:
                     raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-                self.files[path] = bytearray()
+                key, n = path, 1
+                while key in self.inodes:
+                    n += 1
+                    key = f"{path}#{n}"
+                self.inodes[key] = bytearray()
+                self.names[path] = key
+                self.trace.append(("c", path, key))
             elif flags & os.O_CREAT and flags & os.O_EXCL:
                 raise FileExistsError(errno.EEXIST, "File exists", path)
             self._next_fd += 1
-            self.fds[self._next_fd] = path
+            self.fds[self._next_fd] = self.names[path]
             return self._next_fd
 
     def close(self, fd):
@@ -99,21 +125,21 @@ class SimFS(FileIO):
 
     def pread(self, fd, n, offset):
         with self.lock:
-            return bytes(self.files[self.fds[fd]][offset:offset + n])
+            return bytes(self.inodes[self.fds[fd]][offset:offset + n])
 
     def pwrite(self, fd, data, offset):
         data = bytes(data)
         with self.lock:
-            path = self.fds[fd]
-            _apply(self.files[path], ("w", path, offset, data))
-            self.trace.append(("w", path, offset, data))
+            key = self.fds[fd]
+            _apply(self.inodes[key], ("w", key, offset, data))
+            self.trace.append(("w", key, offset, data))
         return len(data)
 
     def ftruncate(self, fd, size):
         with self.lock:
-            path = self.fds[fd]
-            _apply(self.files[path], ("t", path, size))
-            self.trace.append(("t", path, size))
+            key = self.fds[fd]
+            _apply(self.inodes[key], ("t", key, size))
+            self.trace.append(("t", key, size))
 
     def fdatasync(self, fd):
         with self.lock:
@@ -123,16 +149,25 @@ class SimFS(FileIO):
 
     def size(self, fd):
         with self.lock:
-            return len(self.files[self.fds[fd]])
+            return len(self.inodes[self.fds[fd]])
 
     def unlink(self, path):
         with self.lock:
-            if path not in self.files:
+            if path not in self.names:
                 raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
-            del self.files[path]
+            del self.names[path]
+            self.trace.append(("u", path))
+
+    def rename(self, src, dst):
+        with self.lock:
+            if src not in self.names:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", src)
+            self.names[dst] = self.names.pop(src)
+            self.trace.append(("r", src, dst))
 
     def fsync_dir(self, path):
-        pass
+        with self.lock:
+            self.trace.append(("d", os.path.dirname(path)))
 
 
 def _apply(buf: bytearray, op: tuple) -> None:
@@ -202,31 +237,51 @@ def materialise(h: FileHistory, size_idx: int, pick: dict[int, int]) -> bytes:
 
 def crash_states(base: dict[str, bytes], trace: list[tuple], n: int, rng: random.Random,
                  k: int):
-    """Up to `k` distinct file sets a crash after trace[:n] could leave
-    (first: nothing unsynced persisted; second: everything persisted)."""
+    """Up to `k` distinct file sets (name -> contents) a crash after
+    trace[:n] could leave (first: nothing unsynced persisted; second:
+    everything persisted).  Renames since the last directory sync reached
+    the disk in order, up to any one of them."""
+    ops = trace[:n]
     hist = {}
-    for path in base.keys() | {op[1] for op in trace[:n]}:
-        ops = [op for op in trace[:n] if op[1] == path]
-        hist[path] = file_history(base.get(path, b""), ops)
+    for key in base.keys() | {op[2] for op in ops if op[0] == "c"}:
+        hist[key] = file_history(base.get(key, b""),
+                                 [op for op in ops if op[0] in "wts" and op[1] == key])
+    dir_ops = [op for op in ops if op[0] in "curd"]
+    dir_synced = max((i for i, op in enumerate(dir_ops) if op[0] == "d"), default=-1)
+    pending = sum(op[0] == "r" for op in dir_ops[dir_synced + 1:])
     seen = set()
     for attempt in range(k * 3):
-        files = {}
+        renames = (0 if attempt == 0 else pending if attempt == 1
+                   else rng.randint(0, pending))
+        names = {p: p for p in base}
+        for i, op in enumerate(dir_ops):
+            if op[0] == "c":
+                names[op[1]] = op[2]
+            elif op[0] == "u":
+                names.pop(op[1], None)
+            elif op[0] == "r":
+                if i > dir_synced:
+                    if renames == 0:
+                        continue
+                    renames -= 1
+                names[op[2]] = names.pop(op[1])
+        inodes = {}
         for path, h in hist.items():
             nops = len(h.sizes) - 1
             if attempt == 0 or nops == 0:
-                files[path] = h.durable
+                inodes[path] = h.durable
                 continue
             if attempt == 1:
                 strategy = "all"
             else:
                 strategy = rng.choice(("random", "random", "prefix", "prefix", "none"))
             if strategy == "none":
-                files[path] = materialise(h, 0, {})
+                inodes[path] = materialise(h, 0, {})
             elif strategy == "all":
-                files[path] = materialise(h, nops, {s: len(v) - 1 for s, v in h.versions.items()})
+                inodes[path] = materialise(h, nops, {s: len(v) - 1 for s, v in h.versions.items()})
             elif strategy == "random":
-                files[path] = materialise(h, rng.randint(0, nops),
-                                          {s: rng.randrange(len(v)) for s, v in h.versions.items()})
+                inodes[path] = materialise(h, rng.randint(0, nops),
+                                           {s: rng.randrange(len(v)) for s, v in h.versions.items()})
             else:
                 # ops before `cut` reached the disk, op `cut` partly, none after
                 cut = rng.randint(1, nops)
@@ -234,7 +289,8 @@ def crash_states(base: dict[str, bytes], trace: list[tuple], n: int, rng: random
                 for s, ops in h.last_op.items():
                     ok = [i for i, o in enumerate(ops) if o < cut or (o == cut and rng.random() < 0.5)]
                     pick[s] = ok[-1]
-                files[path] = materialise(h, rng.choice((cut - 1, cut)), pick)
+                inodes[path] = materialise(h, rng.choice((cut - 1, cut)), pick)
+        files = {name: inodes[key] for name, key in names.items()}
         key = tuple(sorted((p, hash(b)) for p, b in files.items()))
         if key in seen:
             continue
@@ -426,6 +482,7 @@ async def check_state(m: Model, trace, n: int, files: dict[str, bytes], after_co
         s = await PersistentStore.open(BASE, io=fs)
     except Exception as e:
         raise AssertionError(f"{where}: open failed on a power-loss state: {e}") from None
+    assert BASE + LOG_COMPACT_SUFFIX not in fs.files, f"{where}: compaction leftover kept"
     allowed, required, merged, hdr_ok = promised(m, n)
     got = handed_over(s)
     assert got <= allowed, f"{where}: mappings never committed: {sorted(got - allowed)[:5]}"
@@ -566,3 +623,124 @@ async def test_crash_between_out_of_order_commits_leaks_nothing():
         assert r.free_chunks() == [(2, 3)] and r.next_free == 7
         assert r.prepare_exception(5) == ExceptionRun(-1, 2, 3)   # reused first
         await r.close()
+
+
+# -- compaction ---------------------------------------------------------------------
+
+async def run_compaction_workload(fs: SimFS, rng: random.Random, monkeypatch) -> Model:
+    """A qd1 session (one record per commit, merges, a state record, a torn
+    tail), then: open (cuts the tail, compacts), commits, a merge, a header
+    change, close; open (compacts again), a commit, close.  Crash points
+    start at the first open."""
+    monkeypatch.setattr(fmt, "COMPACT_MIN_RECORDS", 12)
+    monkeypatch.setattr(fmt, "COMPACT_RECORD_RUNS", 4)   # several records per compacted log
+    s = await PersistentStore.create(BASE, chunk_size=CS, cow_size=COW_SIZE, io=fs)
+    m = Model(fs)
+    next_old = [0]
+
+    def prepare(count):
+        r = s.prepare_exception(count)
+        old = next_old[0]
+        next_old[0] += r.count + rng.randint(0, 1)   # some runs continue the one before
+        run = ExceptionRun(old, r.new, r.count)
+        for k in range(run.count):
+            m.write_cow(s, old + k, run.new + k, chunk_data(rng))
+        return run
+
+    async def commit(runs):
+        m.note("commit-attempt", runs)
+        await s.commit_exceptions(runs)
+        m.note("commit-ack", runs)
+
+    for _ in range(14):
+        await commit([prepare(rng.randint(1, 2))])
+    for _ in range(2):
+        await s.commit_merge(await s.prepare_merge(1))
+    await s.close()
+    # a state record (a version 1 writer never writes one, a reader applies
+    # it) and the torn tail of an unfinished commit
+    fd = fs.open(BASE + ".log", os.O_RDWR)
+    buf = fs.pread(fd, fs.size(fd), 0)
+    hdr, _ = fmt.pick_header(buf[:fmt.HEADER_AREA])
+    seed = fmt.log_seed(hdr.uuid)
+    seq = fmt.scan_log(buf, seed=seed).last_seq
+    state = (True, True, COW_SIZE + 20 * CS)
+    frame = fmt.encode_record(fmt.state_record(seq + 1, valid=True, overflow=True,
+                                               cow_size=state[2]), seed)
+    fs.pwrite(fd, frame + rng.randbytes(300), len(buf))
+    fs.fsync(fd)
+    fs.close(fd)
+    probe = await PersistentStore.open(BASE, io=SimFS({p: bytes(b) for p, b in fs.files.items()}))
+    before = sorted(handed_over(probe))
+    await probe.close()
+
+    fs.mark()
+    m.events, m.cow_writes = [], [(0, mp, off, data) for _, mp, off, data in m.cow_writes]
+    m.note("commit-attempt", [ExceptionRun(old, new) for old, new in before])
+    m.note("commit-ack", [ExceptionRun(old, new) for old, new in before])
+    m.note("hdr-attempt", state)
+    m.note("hdr-ack", state)
+    s = await PersistentStore.open(BASE, io=fs)
+    assert sorted(handed_over(s)) == before
+    assert s.stats()["log_records"] == -(-s.stats()["runs"] // 4) > 1 and s.compact_seconds > 0
+    assert (s.valid, s.overflow, s.cow_size) == state
+    next_old[0] = 1000
+    for _ in range(3):
+        await commit([prepare(1)])
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(commit, [prepare(1)])
+    r = await s.prepare_merge(2)       # the log-ordered list comes from the new log
+    m.note("merge-attempt", r)
+    await s.commit_merge(r)
+    m.note("merge-ack", r)
+    m.note("hdr-attempt", (True, False, COW_SIZE + 30 * CS))
+    await s.set_cow_size(COW_SIZE + 30 * CS)
+    m.note("hdr-ack", (True, False, COW_SIZE + 30 * CS))
+    for _ in range(10):
+        await commit([prepare(1)])
+    await s.close()
+    s = await PersistentStore.open(BASE, io=fs)
+    assert s.compact_seconds > 0, "the second open did not compact"
+    s.exceptions()
+    await commit([prepare(1)])
+    await s.close()
+    return m
+
+
+async def test_power_loss_during_compaction(monkeypatch):
+    rng = random.Random(11)
+    fs = SimFS()
+    m = await run_compaction_workload(fs, rng, monkeypatch)
+    trace, base = list(fs.trace), dict(fs.base)
+    assert sum(op[0] == "r" for op in trace) == 2
+    states = both = 0
+    for n in range(len(trace) + 1):
+        for files in crash_states(base, trace, n, rng, STATES_PER_POINT):
+            both += BASE + LOG_COMPACT_SUFFIX in files and BASE + ".log" in files
+            await check_state(m, trace, n, files, after_commit=states % 5 == 0)
+            states += 1
+    assert states > len(trace) * 2 and both > 0
+
+
+async def test_compaction_order_in_the_trace(monkeypatch):
+    """The new log is synced before it is renamed over the old one, the
+    rename is made durable (directory sync) before anything is appended
+    to it, and nothing is written to the old log once it is replaced."""
+    fs = SimFS()
+    await run_compaction_workload(fs, random.Random(12), monkeypatch)
+    tmp, log = BASE + LOG_COMPACT_SUFFIX, BASE + ".log"
+    renamed, old = 0, log          # old: the key of the file named BASE.log
+    for i, op in enumerate(fs.trace):
+        if op[0] != "r":
+            continue
+        assert op[1:] == (tmp, log)
+        key = next(o[2] for o in reversed(fs.trace[:i]) if o[0] == "c" and o[1] == tmp)
+        last_w = max(j for j, o in enumerate(fs.trace[:i]) if o[0] == "w" and o[1] == key)
+        assert ("s", key) in fs.trace[last_w:i], f"trace {i}: renamed before its sync"
+        later = [j for j, o in enumerate(fs.trace) if j > i and o[0] == "w" and o[1] == key]
+        dsync = next((j for j, o in enumerate(fs.trace) if j > i and o[0] == "d"), len(fs.trace))
+        assert not later or dsync < later[0], f"trace {i}: append before the rename is durable"
+        assert not any(o[0] in "wt" and o[1] == old for o in fs.trace[i:])
+        renamed, old = renamed + 1, key
+    assert renamed == 2

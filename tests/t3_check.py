@@ -385,6 +385,30 @@ async def test_orphans_and_leftovers_are_warnings(pool_path, nursery, capsys):
     assert "1 orphan," in out[-1] and "2 warnings" in out[-1]
 
 
+async def test_compacted_log_checks_clean_and_a_leftover_is_a_warning(pool_path, nursery, capsys,
+                                                                      monkeypatch):
+    await make_pool(pool_path, nursery, snapshots=(("s1", "P"),))
+    base = os.path.join(pool_path, "vm@s1")
+    s = await PersistentStore.open(base)
+    s.exceptions()
+    for i in range(4):                              # one record each
+        await s.commit_exceptions([ExceptionRun(10_000 + 2 * i, s.prepare_exception().new)])
+    await s.close()
+    monkeypatch.setattr(fmt, "COMPACT_MIN_RECORDS", 4)
+    monkeypatch.setattr(fmt, "COMPACT_RUNS_PER_RECORD", 1000)
+    s = await PersistentStore.open(base)            # compacts
+    assert s.compact_seconds > 0 and s.stats()["log_records"] == 1
+    await s.close()
+    with open(base + ".log.compact", "wb") as f:    # as a crash during a compaction leaves it
+        f.write(read_log(base)[:5000])
+    rc, out, _ = check(pool_path, capsys=capsys)
+    assert rc == 0, out
+    assert any(line.startswith("vm@s1: log: 1 records (seq 1..1)") for line in out), out
+    assert "vm@s1.log.compact: warning: leftover of an interrupted log compaction (the .log is " \
+        "complete); the next mount deletes it, or delete it" in out
+    assert "0 orphans" in out[-1] and "1 warning:" in out[-1]
+
+
 async def test_header_slots_that_disagree_are_rewritten_by_repair(pool_path, nursery, capsys):
     await make_pool(pool_path, nursery, snapshots=(("s1", "P"),))
     base = os.path.join(pool_path, "vm@s1")

@@ -20,17 +20,20 @@ it (4 KiB chunks, persistent store) holding N exceptions:
               commit them;
   random-1    the random chunks, one exception per commit, as a store that
               took random writes one at a time (qd1) leaves its log: one
-              record per exception.  Written with `store.format` (the
-              frames the store writes): a million synced commits would
-              take minutes;
+              record per commit, compacted online by the store whenever
+              the log became wasteful (store/FORMAT.md "Compaction"), as
+              while mounted.  Committed through the store over a file
+              layer whose syncs do nothing (a million synced commits would
+              take half an hour; the mount reads the same bytes);
   empty       the snapshot without exceptions: the baseline.
 
 Each pool is then mounted --runs times (`Pool.open`, which replays the log
 and builds the snapshot's exception table; no FUSE), each time in a fresh
 Python process that reports the seconds `Pool.open` took and how much its
 RSS (VmRSS) grew.  The first mount is shown on its own: it is the one that
-compacts a wasteful log (random-1's; store/FORMAT.md "Compaction"), and
-its seconds include the compaction (also shown alone).  "later s" and
+would compact a wasteful log at open (none is left by a store that
+compacts online), and its seconds include that compaction (also shown
+alone).  "later s" and
 RSS are medians of the other mounts (of the first with --runs 1);
 B/exception is the RSS growth minus the empty pool's, divided by N.  A
 busy machine makes the seconds worse, so the load average is printed
@@ -57,9 +60,9 @@ import trio  # noqa: E402
 
 from dmfs.control import SnapshotSpec  # noqa: E402
 from dmfs.pool import Pool  # noqa: E402
-from store import format as fmt  # noqa: E402
 from store.base import ExceptionRun  # noqa: E402
-from store.chunks import persistent_allocator  # noqa: E402
+from store.fileio import FileIO  # noqa: E402
+from store.persistent import PersistentStore  # noqa: E402
 
 ORIGIN_SIZE = 1 << 40
 CHUNK = 4096
@@ -91,8 +94,22 @@ def random_chunks(n: int) -> list[int]:
     return random.Random(1).sample(range(0, ORIGIN_SIZE // CHUNK, 2), n)
 
 
-async def build(path: str, case: str, n: int, batch: int) -> int:
-    """Make the pool of `case` at `path`; return how many log records it wrote."""
+class NoSync(FileIO):
+    """The store's system calls without the syncs (random-1's million
+    commits); the file contents are the same."""
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+    fsync = fdatasync
+
+    def fsync_dir(self, path: str) -> None:
+        pass
+
+
+async def build(path: str, case: str, n: int, batch: int) -> dict:
+    """Make the pool of `case` at `path`; return how many log records it
+    wrote ("records") and, for random-1, its online compactions."""
     async with trio.open_nursery() as nursery:
         pool = await Pool.open(path, nursery)
         origin = await pool.create_origin("vm", ORIGIN_SIZE)
@@ -117,31 +134,24 @@ async def build(path: str, case: str, n: int, batch: int) -> int:
                 old += r.count
                 commits += 1
         await pool.close()
-    if case == "random-1":
-        commits = append_one_per_commit(log_path, random_chunks(n))
-    return commits
+        if case == "random-1":
+            return await commit_one_by_one(store.base_path, random_chunks(n), nursery)
+    return {"records": commits}
 
 
-def append_one_per_commit(log_path: str, olds: list[int]) -> int:
-    """Append to a closed store's empty log the records of one commit per
-    exception, with COW chunks handed out as the store hands them out."""
-    with open(log_path, "r+b") as f:
-        hdr, _ = fmt.pick_header(f.read(fmt.HEADER_AREA))
-        seed = fmt.log_seed(hdr.uuid)
-        alloc = persistent_allocator(hdr.chunk_size)
-        f.seek(0, os.SEEK_END)
-        frames = []
-        for seq, old in enumerate(olds, 1):
-            new, _ = alloc.allocate(1, hdr.cow_size)
-            frames += fmt.encode_exception_records([ExceptionRun(old, new, 1)],
-                                                   first_seq=seq, seed=seed)
-            if len(frames) >= 100_000:
-                f.write(b"".join(frames))
-                frames = []
-        f.write(b"".join(frames))
-        f.flush()
-        os.fsync(f.fileno())
-    return len(olds)
+async def commit_one_by_one(base_path: str, olds: list[int], nursery: trio.Nursery) -> dict:
+    """Commit one exception at a time to the closed store at `base_path`,
+    compacting online as a mounted store does; the figures of that."""
+    store = await PersistentStore.open(base_path, io=NoSync(), spawn=nursery.start_soon)
+    compactions, done = 0, []
+    for old in olds:
+        await store.commit_exceptions([ExceptionRun(old, store.prepare_exception(1).new, 1)])
+        if store.compactions != compactions:
+            compactions = store.compactions
+            done.append({"runs": store.stats()["runs"], "seconds": store.compact_seconds,
+                         "locked_seconds": store.compact_locked_seconds})
+    await store.close()
+    return {"records": store.records, "compactions": done}
 
 
 # -- mounting them --------------------------------------------------------------------
@@ -192,8 +202,8 @@ def report(n: int, results: dict[str, dict], base_rss: float) -> list[dict]:
         print(f"{case:<11} {r['exceptions']:>10} {r['runs']:>9} {r['records']:>9} | "
               f"{r['first_seconds']:>7.2f} {r['compact_seconds']:>9.2f} {r['log_records']:>9} | "
               f"{later:>7} {r['rss'] / 1e6:>7.1f} {r['bytes_per_exception']:>11.1f}")
-    print("(records: in the log as built; after 1st: after the first mount, which compacts a\n"
-          " wasteful log;"
+    print("(records: written as built; after 1st: in the log after the first mount, which\n"
+          " compacts a wasteful log;"
           " first s includes compact s; later s and RSS: medians of the later mounts;\n"
           f" RSS growth of Pool.open less the empty pool's {base_rss / 1e6:.1f} MB)")
     checks = []
@@ -254,14 +264,14 @@ def main(argv=None) -> int:
             "mount times will read slower")
     top = tempfile.mkdtemp(prefix="dmfs-scale-", dir=args.workdir)
     runs: dict[str, list[dict]] = {}
-    records: dict[str, int] = {}
+    built: dict[str, dict] = {}
     try:
         for case in ["empty"] + args.only:
             path = os.path.join(top, case)
             start = time.perf_counter()
-            records[case] = trio.run(build, path, case, n, args.batch)
+            built[case] = trio.run(build, path, case, n, args.batch)
             say(f"{case}: built in {time.perf_counter() - start:.1f} s "
-                f"({records[case]} log records); mounting {args.runs} time(s)")
+                f"({built[case]['records']} log records); mounting {args.runs} time(s)")
             runs[case] = measure(path, args.runs)
     finally:
         if args.keep:
@@ -276,7 +286,7 @@ def main(argv=None) -> int:
             raise RuntimeError(f"{case}: the snapshot did not load all {n} exceptions: {rs}")
         later = rs[1:]
         grown = statistics.median(r["rss"] for r in later or rs)
-        results[case] = {"exceptions": n, "runs": rs[0]["runs"], "records": records[case],
+        results[case] = {"exceptions": n, "runs": rs[0]["runs"], "records": built[case]["records"],
                          "first_seconds": rs[0]["seconds"],
                          "compact_seconds": rs[0]["compact_seconds"],
                          "log_records": rs[0]["log_records"],
@@ -284,12 +294,20 @@ def main(argv=None) -> int:
                          if later else None,
                          "rss": grown, "bytes_per_exception": (grown - base_rss) / n}
     checks = report(n, results, base_rss)
+    online = built.get("random-1", {}).get("compactions")
+    if online:
+        last, worst = online[-1], max(online, key=lambda c: c["locked_seconds"])
+        print(f"random-1 built with {len(online)} online compactions; the last, of "
+              f"{last['runs']} runs, took {last['seconds']:.2f} s, "
+              f"{last['locked_seconds'] * 1e3:.0f} ms of it holding the log (the most: "
+              f"{worst['locked_seconds'] * 1e3:.0f} ms, at {worst['runs']} runs)")
     load_after = os.getloadavg()
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
           f"{os.cpu_count()} CPUs")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"exceptions": n, "batch": args.batch, "runs": runs, "results": results,
+                       "random_1_compactions": online,
                        "checks": checks, "loadavg": [load_before, load_after]}, f, indent=1)
     return 0
 

@@ -164,7 +164,7 @@ class Pool:
                 dropped = True
                 continue
             try:
-                store = await open_store(base, cfg.store)
+                store = await open_store(base, cfg.store, spawn=self.nursery.start_soon)
             except DmError as e:
                 log.error("snapshot %s@%s: %s; listed as Invalid", name, snap_name, e)
                 store = None
@@ -417,10 +417,11 @@ class Pool:
                               "snapshots of a merging origin are not supported")
             cow_size = spec.cow_size if spec.cow_size is not None else self._default_cow_size(origin, spec.chunk_size)
             base = self._store_base(origin.name, spec.name)
-            for ext in (".cow", ".log"):  # leftovers of a crash mid-create
+            for ext in (".cow", ".log", ".log.compact"):  # leftovers of a crash mid-create
                 if os.path.exists(base + ext):
                     os.unlink(base + ext)
-            store = await create_store(base, type_name=spec.store, chunk_size=spec.chunk_size, cow_size=cow_size)
+            store = await create_store(base, type_name=spec.store, chunk_size=spec.chunk_size, cow_size=cow_size,
+                                       spawn=self.nursery.start_soon)
             cfg = SnapshotConfig(store=spec.store, discard_zeroes_cow=spec.discard_zeroes_cow,
                                  discard_passdown_origin=spec.discard_passdown_origin)
             snap = Snapshot(origin, spec.name, store, origin.size, cfg)

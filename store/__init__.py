@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from typing import Callable
 
 import trio
 
@@ -44,23 +45,34 @@ def store_class(type_name: str) -> type[ExceptionStore]:
 
 
 async def create_store(base_path: str, *, type_name: str, chunk_size: int,
-                       cow_size: int) -> ExceptionStore:
+                       cow_size: int, spawn: Callable[..., object] | None = None) -> ExceptionStore:
     """Create and open a new store of `type_name` at `base_path`.
+
+    Args:
+      spawn: a nursery's `start_soon` for a persistent store's background
+        work (online log compaction; see `PersistentStore.create`).
 
     Raises:
       DmError(EINVAL): unknown type, bad chunk_size or cow_size.
       DmError(EEXIST): a store already exists there.
     """
     cls = store_class(type_name)
+    if cls is PersistentStore:
+        return await cls.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
+                                type_name=type_name.upper(), spawn=spawn)
     return await cls.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
                             type_name=type_name.upper())
 
 
-async def open_store(base_path: str, type_name: str) -> ExceptionStore:
+async def open_store(base_path: str, type_name: str,
+                     spawn: Callable[..., object] | None = None) -> ExceptionStore:
     """Open the existing store at `base_path` for a table with `type_name`.
 
     A persistent store switches between "P" and "PO" to match the table
     (the header records the switch).
+
+    Args:
+      spawn: as for `create_store`.
 
     Raises:
       DmError(EINVAL): unknown type.
@@ -70,7 +82,8 @@ async def open_store(base_path: str, type_name: str) -> ExceptionStore:
     """
     type_name = type_name.upper() if isinstance(type_name, str) else type_name
     cls = store_class(type_name)
-    store = await cls.open(base_path)
+    store = await (cls.open(base_path, spawn=spawn) if cls is PersistentStore
+                   else cls.open(base_path))
     if isinstance(store, PersistentStore) and store.type_name != type_name:
         try:
             await store.set_type_name(type_name)

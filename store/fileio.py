@@ -59,17 +59,20 @@ class FileIO:
             n = self.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def read_all(self, fd: int) -> bytes:
-        """The whole file."""
-        size = self.size(fd)
-        chunks, pos = [], 0
-        while pos < size:
-            b = self.pread(fd, min(size - pos, 64 << 20), pos)
+    def pread_all(self, fd: int, n: int, offset: int) -> bytes:
+        """`n` bytes at `offset` (fewer only at the end of the file)."""
+        chunks = []
+        while n > 0:
+            b = self.pread(fd, min(n, 64 << 20), offset)
             if not b:
                 break
             chunks.append(b)
-            pos += len(b)
+            n, offset = n - len(b), offset + len(b)
         return b"".join(chunks)
+
+    def read_all(self, fd: int) -> bytes:
+        """The whole file."""
+        return self.pread_all(fd, self.size(fd), 0)
 
 
 OS_IO = FileIO()

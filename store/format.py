@@ -266,24 +266,31 @@ def encode_exception_records(runs: list[ExceptionRun], *, first_seq: int,
 
 
 def encode_flat_exception_records(runs: array, *, first_seq: int, seed: int,
-                                  max_runs: int = MAX_RUNS_PER_RECORD) -> list[bytes]:
+                                  max_runs: int = MAX_RUNS_PER_RECORD,
+                                  batch: int | None = None) -> list[bytes]:
     """`encode_exception_records` for flat (old, new, count) triples, as
-    a replay lists them: a million runs need no ExceptionRun each."""
+    a replay lists them: a million runs need no ExceptionRun each.
+
+    `batch` is the seq of the commit's first record when these records
+    continue a commit begun by others (default: `first_seq`).
+    """
+    batch = first_seq if batch is None else batch
     step = 3 * max_runs
     frames = []
     for n, i in enumerate(range(0, len(runs), step)):
         part = runs[i:i + step]
         body = {"seq": first_seq + n, "t": REC_EXCEPTIONS,
                 "x": list(zip(part[0::3], part[1::3], part[2::3]))}
-        if n:
-            body["b"] = first_seq
+        if first_seq + n != batch:
+            body["b"] = batch
         frames.append(encode_record(body, seed))
     return frames
 
 
 def worth_compacting(records: int, runs: int) -> bool:
     """Whether a log of `records` records that replays to `runs` runs
-    should be rewritten (the rule at COMPACT_MIN_RECORDS)."""
+    should be rewritten: the one rule, at open and while the store runs
+    (COMPACT_MIN_RECORDS, COMPACT_RUNS_PER_RECORD)."""
     return records >= COMPACT_MIN_RECORDS and runs < COMPACT_RUNS_PER_RECORD * records
 
 
@@ -301,8 +308,8 @@ class CompactLog(NamedTuple):
     runs: int
 
 
-def compact_log(hdr: Header, runs: array, *,
-                max_runs: int = COMPACT_RECORD_RUNS) -> CompactLog:
+def compact_log(hdr: Header, runs: array, *, max_runs: int = COMPACT_RECORD_RUNS,
+                frames: list[bytes] | tuple = ()) -> CompactLog:
     """The log of a store with header `hdr` (its state already folded in:
     valid, overflow, cow_size) whose replay gives the flat `runs`, in as
     few records as possible.
@@ -313,18 +320,51 @@ def compact_log(hdr: Header, runs: array, *,
     numbers from 1 again.  A replay joins a run that continues the one
     before it where one record ends and the next begins: `runs` counts
     what the new log replays to.
+
+    Args:
+      frames: the first records, already encoded (`compact_frames`) from
+        the first len(frames) * max_runs runs of `runs`: only the rest is
+        encoded here.
     """
     area = encode_header(hdr.replace(gen=hdr.gen + 1)) + encode_header(hdr.replace(gen=hdr.gen + 2))
+    step = 3 * max_runs
     # the runs' tuples would make the collector walk everything the open
     # built so far (a million records), again and again
     with _gc_paused():
-        frames = encode_flat_exception_records(runs, first_seq=1, seed=log_seed(hdr.uuid),
-                                               max_runs=max_runs)
-    step = 3 * max_runs
+        rest = encode_flat_exception_records(runs[len(frames) * step:], first_seq=len(frames) + 1,
+                                             seed=log_seed(hdr.uuid), max_runs=max_runs, batch=1)
     joins = sum(1 for i in range(step, len(runs), step)
                 if runs[i - 3] + runs[i - 1] == runs[i] and runs[i - 2] + runs[i - 1] == runs[i + 1])
-    return CompactLog(b"".join([area.ljust(HEADER_AREA, b"\0")] + frames),
-                      hdr.replace(gen=hdr.gen + 2), len(frames), len(runs) // 3 - joins)
+    records = len(frames) + len(rest)
+    return CompactLog(b"".join([area.ljust(HEADER_AREA, b"\0"), *frames, *rest]),
+                      hdr.replace(gen=hdr.gen + 2), records, len(runs) // 3 - joins)
+
+
+def compact_frames(runs: array, seed: int, *,
+                   max_runs: int = COMPACT_RECORD_RUNS) -> tuple[array, list[bytes]]:
+    """The whole records (of `max_runs` runs each) that begin a compacted
+    log of `runs`, for `compact_log(frames=...)`; the last, partial record
+    is left out.
+
+    Returns:
+      (a copy of the runs they hold, the frames).
+    """
+    before = runs[:len(runs) // (3 * max_runs) * 3 * max_runs]
+    with _gc_paused():
+        return before, encode_flat_exception_records(before, first_seq=1, seed=seed,
+                                                     max_runs=max_runs)
+
+
+def unchanged_records(before: array, runs: array, *,
+                      max_runs: int = COMPACT_RECORD_RUNS) -> int:
+    """How many records of `compact_frames`' runs `before` begin a
+    compacted log of `runs` too (`runs` are `before` and more, changed
+    since: runs appended, merged runs taken off the end)."""
+    step = 3 * max_runs
+    for k in range(len(before) // step):
+        if before[k * step:(k + 1) * step] != runs[k * step:(k + 1) * step]:
+            return k
+    return len(before) // step
 
 
 def _is_int(v: Any) -> bool:
@@ -638,8 +678,11 @@ class Replay:
     by_old: array | None = None
 
 
-def replay(records: Iterable[Record], hdr: Header, *, layout: bool = True) -> Replay:
-    """Apply `records` to an empty store with header `hdr` (read_metadata).
+def replay(records: Iterable[Record], hdr: Header, *, layout: bool = True,
+           runs: array | None = None) -> Replay:
+    """Apply `records` to an empty store with header `hdr` (read_metadata),
+    or to the flat `runs` (changed in place) that earlier records left;
+    `chunks` then counts the change only.
 
     "e" adds runs, "m" removes them (a merged run must be mapped exactly),
     "s" changes state.  Then, with `layout`, the final runs must be
@@ -647,7 +690,7 @@ def replay(records: Iterable[Record], hdr: Header, *, layout: bool = True) -> Re
     (`chunks.check_layout`): next_free = 1 + the highest COW chunk in
     use, every other data chunk below it is a hole on the free list.
     """
-    runs = array("q")
+    runs = array("q") if runs is None else runs
     st = Replay(runs, 0, hdr.valid, hdr.overflow, hdr.cow_size, [])
     for rec in records:
         if rec.kind == REC_EXCEPTIONS:

@@ -27,8 +27,10 @@ only copy; a merge, which needs them in log order, reads the log again
 when it starts (`prepare_merge`).
 
 A log of many small records (one per commit at queue depth 1) is slow
-to replay; `open` then rewrites it compactly (`_compact`, FORMAT.md
-"Compaction") before it returns, so later opens are fast.
+to replay, so it is rewritten compactly (`_compact`, FORMAT.md
+"Compaction"): by `open` before it returns, and, given a `spawn`
+callable, in the background while the store runs, so that no open ever
+meets a wasteful log.
 
 Every system call goes through a `FileIO` object (store/fileio.py), so
 the power-loss tests can run the store over a file layer that records
@@ -157,8 +159,11 @@ class PersistentStore(ExceptionStore):
         (`fmt.replay`), the last of them `_tail`; `_log_records` counts
         the log's records;
       * `_merge_runs`, once a merge loaded it, is what a replay of the log
-        says, in log order; it changes only under `_log_lock`, with the
-        append that changes the log;
+        says, in log order (up to runs that continue each other, which
+        a compaction may join); it changes only under `_log_lock`, with
+        the append that changes the log;
+      * the log file is replaced (compaction) only under `_log_lock` and
+        `_header_lock`; at most one compaction runs (`_compaction`);
       * at most one group commit is in flight (`_committing`); runs of
         callers arriving meanwhile gather in `_pending`.
 
@@ -169,12 +174,14 @@ class PersistentStore(ExceptionStore):
       records: log records written since open.
       committed_chunks: exception chunks committed since open.
       max_batch: the most chunks one group commit carried.
-      compact_seconds: time open spent compacting the log (0.0 if it
-        did not).
+      compactions: log compactions done since open (at open or online).
+      compact_seconds: what the last compaction took (0.0: none yet).
+      compact_locked_seconds: how long it held `_log_lock` (commits wait).
     """
 
     def __init__(self, base_path: str, hdr: fmt.Header, hdr_slot: int,
-                 cow_fd: int, log_fd: int, io: FileIO = OS_IO):
+                 cow_fd: int, log_fd: int, io: FileIO = OS_IO,
+                 spawn: Callable[..., object] | None = None):
         self.base_path = base_path
         self.cow_path = base_path + ".cow"
         self.log_path = base_path + ".log"
@@ -191,8 +198,14 @@ class PersistentStore(ExceptionStore):
         self.records = 0
         self.committed_chunks = 0
         self.max_batch = 0
+        self.compactions = 0
         self.compact_seconds = 0.0
+        self.compact_locked_seconds = 0.0
         self._io = io
+        self._spawn = spawn
+        # (cancel scope, finished) of the compaction running in the background
+        self._compaction: tuple[trio.CancelScope, trio.Event] | None = None
+        self._compact_not_before = 0   # log records; raised after a failed compaction
         self._hdr = hdr
         self._hdr_slot = hdr_slot
         self._seed = fmt.log_seed(hdr.uuid)
@@ -220,11 +233,17 @@ class PersistentStore(ExceptionStore):
 
     @classmethod
     async def create(cls, base_path: str, *, chunk_size: int, cow_size: int,
-                     type_name: str = "P", io: FileIO | None = None) -> "PersistentStore":
+                     type_name: str = "P", io: FileIO | None = None,
+                     spawn: Callable[..., object] | None = None) -> "PersistentStore":
         """Create `.cow` (sparse, cow_size bytes) and `.log` (header only), durably.
 
         Both header slots are written (gen 1 in A, gen 2 in B), so a
         damaged slot is never the only copy.
+
+        Args:
+          spawn: starts a background task (a nursery's `start_soon`, the
+            nursery outliving the store) for online log compaction; None:
+            the log is compacted only at open.
 
         Raises:
           DmError(EINVAL): bad type, chunk size, or cow_size (must hold the
@@ -273,10 +292,11 @@ class PersistentStore(ExceptionStore):
             raise DmError(e.errno or errno.EIO, f"cannot create store {base_path}: {e}") from None
         log.debug("created %s store %s chunk_size=%d cow_size=%d",
                   type_name, base_path, chunk_size, cow_size)
-        return cls(base_path, hdr.replace(gen=2), 1, cow_fd, log_fd, io)
+        return cls(base_path, hdr.replace(gen=2), 1, cow_fd, log_fd, io, spawn)
 
     @classmethod
-    async def open(cls, base_path: str, *, io: FileIO | None = None) -> "PersistentStore":
+    async def open(cls, base_path: str, *, io: FileIO | None = None,
+                   spawn: Callable[..., object] | None = None) -> "PersistentStore":
         """Open the store and replay its log (the kernel's read_metadata).
 
         A torn tail of the log (what a crash during an append leaves) is
@@ -288,6 +308,10 @@ class PersistentStore(ExceptionStore):
         store refuses to open (EIO) and nothing is changed on disk; the
         pool then lists the snapshot as Invalid, and `dmfs check` tells
         where the damage is.
+
+        Args:
+          spawn: as for `create`: the log is then kept compact while the
+            store runs too.
 
         Raises:
           DmError(ENOENT): there is no .log file.
@@ -338,7 +362,7 @@ class PersistentStore(ExceptionStore):
                 check_geometry(hdr.chunk_size, hdr.cow_size, 3)
             except DmError as e:
                 raise DmError(errno.EIO, f"{log_path}: bad header: {e}") from None
-            store = cls(base_path, hdr, slot, cow_fd, log_fd, io)
+            store = cls(base_path, hdr, slot, cow_fd, log_fd, io, spawn)
             await store._replay(buf)
         except BaseException:
             if store is not None:
@@ -397,72 +421,175 @@ class PersistentStore(ExceptionStore):
             raise DmError(errno.EIO, f"cannot repair {self.log_path}: {e}") from None
         # An invalid store is never written again: it can only be deleted.
         if self.valid and fmt.worth_compacting(len(scan.records), self._run_count):
-            await self._compact(st.runs)
+            try:
+                await self._compact(st.runs, end=scan.end, seq=scan.last_seq)
+            except (OSError, fmt.FormatError) as e:
+                log.warning("%s: log not compacted, the old one stays: %s", self.log_path, e)
 
-    async def _compact(self, runs: array) -> None:
-        """Replace the log by its header and `runs` in as few records as
+    # Online compaction.  A compaction starts after a commit that leaves
+    # the log wasteful (`fmt.worth_compacting`, the rule open applies) and
+    # rewrites R runs into R / COMPACT_RECORD_RUNS records; the next one
+    # starts only when the records reach R' / COMPACT_RUNS_PER_RECORD for
+    # the R' runs then, so R' < 8 * (R / 10 000 + records appended since).
+    # Summed over a session, the runs rewritten stay below ~8.01 per record
+    # ever appended (a commit or merge step, ~1 ms of syncs at qd1) and
+    # each costs ~0.3 us to read back and ~0.3 us to write: ~5 us per
+    # commit at worst, linear in the exceptions however long the session.
+
+    def _maybe_compact(self) -> None:
+        """Start a background compaction (`_compact_in_background`) if the
+        log became wasteful, none runs and the store may be written."""
+        if self._spawn is None or self._compaction is not None or self._closing \
+                or not self.valid or self._log_end < 0 \
+                or self._log_records < self._compact_not_before \
+                or not fmt.worth_compacting(self._log_records, self._run_count):
+            return
+        self._compaction = (trio.CancelScope(), trio.Event())
+        try:
+            self._spawn(self._compact_in_background, *self._compaction)
+        except RuntimeError:
+            # the nursery is closing: the commit stands, the next open compacts
+            self._compaction = None
+
+    async def _compact_in_background(self, cancel: trio.CancelScope, done: trio.Event) -> None:
+        """Compact the log while commits go on: read and decode it up to
+        the current end in worker threads, without `_log_lock`; then
+        `_compact` adds what was appended meanwhile and switches logs.
+
+        Nothing escapes (the task runs in the pool's nursery): a failure
+        is logged, the old log stays, and the next attempt waits until
+        the log has twice as many records.  `close` cancels it.
+        """
+        started = time.perf_counter()
+        try:
+            with cancel:
+                if not self.valid or self._log_end < 0:
+                    return   # dropped or failed since the commit that started it
+                end, seq, hdr, seed = self._log_end, self._seq, self._hdr, self._seed
+                log_fd, io, max_runs = self.log_fd, self._io, fmt.COMPACT_RECORD_RUNS
+                # nothing before `end` changes while the store runs
+                buf = await trio.to_thread.run_sync(io.pread_all, log_fd, end, 0)
+
+                def decode() -> tuple[array, tuple[array, list[bytes]]]:
+                    scan = fmt.scan_log(buf, seed=seed)
+                    st = fmt.replay(scan.records, hdr, layout=False)
+                    if (scan.end, scan.last_seq, st.problems) != (end, seq, []):
+                        raise fmt.FormatError(f"log does not replay to seq {seq} at {end}: "
+                                              f"seq {scan.last_seq} at {scan.end}, "
+                                              f"{scan.stop}, {st.problems}")
+                    return st.runs, fmt.compact_frames(st.runs, seed, max_runs=max_runs)
+
+                # pure work on bytes in memory: a cancel need not wait for it
+                runs, frames = await trio.to_thread.run_sync(decode, abandon_on_cancel=True)
+                del buf
+                await self._compact(runs, end=end, seq=seq, frames=frames, max_runs=max_runs,
+                                    started=started)
+        except Exception as e:   # noqa: BLE001 - whatever failed, the old log serves
+            log.warning("%s: log not compacted online, the old one stays: %s", self.log_path, e)
+            self._compact_not_before = 2 * self._log_records
+        finally:
+            self._compaction = None
+            done.set()
+
+    async def _compact(self, runs: array, *, end: int, seq: int,
+                       frames: tuple[array, list[bytes]] | None = None,
+                       max_runs: int | None = None, started: float | None = None) -> None:
+        """Replace the log by its header and its runs in as few records as
         possible (`fmt.compact_log`), crash-safely.
 
-        The new log is written to BASE.log.compact and fdatasync'ed, then
-        renamed over BASE.log and the directory fsync'ed: a crash leaves
-        the old complete log or the new one, and `open` deletes a leftover
-        temporary file.  Called by `open` before the store is shared, so
-        no append can run meanwhile.
+        Under `_log_lock` and `_header_lock` (nothing is appended and no
+        header written meanwhile), the records appended after `end` are
+        read and applied to `runs`, the new log is written to
+        BASE.log.compact and fdatasync'ed, renamed over BASE.log and the
+        directory fsync'ed: a crash leaves the old complete log or the new
+        one, and `open` deletes a leftover temporary file.  Then appends
+        and header writes go to the new log.  Nothing happens for a store
+        that is closing, invalid or failed an append.
 
         Args:
-          runs: the committed runs in log order, as a replay of the log
-            gives them.
+          runs: the committed runs in log order, as a replay of the log up
+            to byte `end` (record `seq`) gives them; changed in place.
+          frames: `fmt.compact_frames` of `runs` (encoded before taking
+            the locks; the records still right are written as they are).
+          max_runs: runs per record of the new log (COMPACT_RECORD_RUNS).
+          started: when the compaction began (`time.perf_counter`), if it
+            read the log before this.
 
         Raises:
+          OSError, fmt.FormatError: the new log could not be written (or
+            the records appended since `end` not read); the old one stays.
           DmError(EIO): the directory could not be synced after the
-            rename, so which log a crash would leave is unknown; the
-            store is not opened (the next open finds a complete log).
+            rename, so which log a crash would leave is unknown: the store
+            takes no more appends (like after a failed append).
         """
-        start = time.perf_counter()
-        hdr = self._hdr.replace(valid=self.valid, overflow=self.overflow,
-                                cow_size=self.cow_size, type_name=self.type_name)
-        new = fmt.compact_log(hdr, runs, max_runs=fmt.COMPACT_RECORD_RUNS)
-        io, tmp, log_path = self._io, self.base_path + LOG_COMPACT_SUFFIX, self.log_path
+        start = time.perf_counter() if started is None else started
+        max_runs = max_runs or fmt.COMPACT_RECORD_RUNS
+        before, done = frames or (array("q"), [])
+        async with self._log_lock, self._header_lock:
+            if self._closing or not self.valid or self._log_end < 0:
+                return
+            locked = time.perf_counter()
+            hdr = self._hdr.replace(valid=self.valid, overflow=self.overflow,
+                                    cow_size=self.cow_size, type_name=self.type_name)
+            io, tmp, log_path, log_fd = self._io, self.base_path + LOG_COMPACT_SUFFIX, \
+                self.log_path, self.log_fd
+            now_end, now_seq, seed = self._log_end, self._seq, self._seed
 
-        def work() -> tuple[int, OSError | None]:
-            fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                io.pwrite_all(fd, new.data, 0)
-                io.fdatasync(fd)     # complete before its name can be the log
-                io.rename(tmp, log_path)
-            except BaseException:
-                io.close(fd)
+            def work() -> tuple[fmt.CompactLog, int, OSError | None]:
+                if now_end > end:
+                    # the few records committed since `end`
+                    tail = io.pread_all(log_fd, now_end - end, end)
+                    scan = fmt.scan_log(tail, seed=seed, start=0, first_seq=seq + 1)
+                    st = fmt.replay(scan.records, hdr, layout=False, runs=runs)
+                    if (scan.end, scan.last_seq, st.problems) != (len(tail), now_seq, []):
+                        raise fmt.FormatError(f"records after seq {seq} do not replay to seq "
+                                              f"{now_seq}: {scan.stop}, {st.problems}")
+                new = fmt.compact_log(hdr, runs, max_runs=max_runs,
+                                      frames=done[:fmt.unchanged_records(before, runs,
+                                                                         max_runs=max_runs)])
+                fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
-                    io.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            try:
-                io.fsync_dir(log_path)
-            except OSError as e:
-                return fd, e
-            return fd, None
+                    io.pwrite_all(fd, new.data, 0)
+                    io.fdatasync(fd)     # complete before its name can be the log
+                    io.rename(tmp, log_path)
+                except BaseException:
+                    io.close(fd)
+                    try:
+                        io.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
+                try:
+                    io.fsync_dir(log_path)
+                except OSError as e:
+                    return new, fd, e
+                return new, fd, None
 
-        try:
+            # once the rename may have happened, memory must follow it
             with trio.CancelScope(shield=True):
-                fd, dir_error = await trio.to_thread.run_sync(work)
-        except OSError as e:
-            log.warning("%s: log not compacted, the old one stays: %s", log_path, e)
-            return
-        # From the rename on, BASE.log names the new file: appends go there.
-        old_fd, self.log_fd = self.log_fd, fd
-        io.close(old_fd)
-        if dir_error is not None:
-            raise DmError(errno.EIO, f"cannot sync the directory of {log_path} after "
-                          f"compacting it: {dir_error}")
-        old_records, old_end = self._log_records, self._log_end
-        self._hdr, self._hdr_slot = new.header, 1
-        self._log_end, self._seq, self._log_records = len(new.data), new.records, new.records
-        self._run_count = new.runs
-        self.compact_seconds = time.perf_counter() - start
-        log.info("%s: compacted %d records (%d bytes) into %d (%d bytes) in %.2f s",
-                 log_path, old_records, old_end, new.records, len(new.data),
-                 self.compact_seconds)
+                new, fd, dir_error = await trio.to_thread.run_sync(work)
+            # From the rename on, BASE.log names the new file: appends go there.
+            old_fd, self.log_fd = self.log_fd, fd
+            io.close(old_fd)
+            if dir_error is not None:
+                self._log_end = -1
+                raise DmError(errno.EIO, f"cannot sync the directory of {log_path} after "
+                              f"compacting it: {dir_error}")
+            old_records = self._log_records
+            self._hdr, self._hdr_slot = new.header, 1
+            self._log_end, self._seq, self._log_records = len(new.data), new.records, new.records
+            self._run_count = new.runs
+            self._tail = tuple(runs[-3:]) or None
+            # A loaded merge list stays right: the same runs in the same
+            # order, only some that continue each other may be one run in
+            # a replay of the new log (`find_run` takes either).
+            done_at = time.perf_counter()
+        self.compactions += 1
+        self.compact_seconds = done_at - start
+        self.compact_locked_seconds = done_at - locked
+        log.info("%s: compacted %d records (%d bytes) into %d (%d bytes) in %.2f s, "
+                 "%.3f s of it holding the log", log_path, old_records, now_end, new.records,
+                 len(new.data), self.compact_seconds, self.compact_locked_seconds)
 
     def exceptions(self) -> array:
         """Hand over the exceptions the log held at open (see
@@ -485,6 +612,11 @@ class PersistentStore(ExceptionStore):
         if self._closing:
             return
         self._closing = True
+        if self._compaction is not None:
+            # the old log stays if it had not been replaced yet
+            cancel, finished = self._compaction
+            cancel.cancel()
+            await finished.wait()
         await self._drain()
         # header writes and log appends hold these locks: none may see its
         # fd closed under it
@@ -500,7 +632,8 @@ class PersistentStore(ExceptionStore):
             await self.close()
         except DmError as e:
             log.warning("%s: close before destroy failed: %s", self.base_path, e)
-        await trio.to_thread.run_sync(_unlink_files, [self.cow_path, self.log_path], self._io)
+        await trio.to_thread.run_sync(_unlink_files, [self.cow_path, self.log_path,
+                                                      self.base_path + LOG_COMPACT_SUFFIX], self._io)
 
     def _close_fds(self) -> None:
         self._closing = self._closed = True
@@ -626,6 +759,7 @@ class PersistentStore(ExceptionStore):
             self._seq += len(frames)
             self._log_records += len(frames)
             self._note_commit(runs)
+        self._maybe_compact()
         chunks = sum(r.count for r in runs)
         self.commits += 1
         self.records += len(frames)
@@ -752,6 +886,7 @@ class PersistentStore(ExceptionStore):
             self._tail = tuple(runs[-3:]) or None
         self.records += 1
         self._alloc.release(run.new, run.count)
+        self._maybe_compact()
 
     # -- state -----------------------------------------------------------
 
@@ -903,8 +1038,9 @@ class PersistentStore(ExceptionStore):
         free_chunks: holes below next_free waiting for reuse;
         log_bytes: where the next record goes;
         log_records: the records the log holds;
-        compact_seconds: what compacting the log at open took (0.0: not
-          compacted).
+        compactions, compact_seconds, compact_locked_seconds: log
+          compactions since open, what the last one took and how long it
+          held the log (0.0: none).
         """
         return {
             "commits": self.commits, "records": self.records,
@@ -912,7 +1048,8 @@ class PersistentStore(ExceptionStore):
             "exceptions": self._committed_chunks, "runs": self._run_count,
             "next_free": self._alloc.next_free, "free_chunks": self._alloc.free_chunks(),
             "log_bytes": self._log_end, "log_records": self._log_records,
-            "compact_seconds": self.compact_seconds,
+            "compactions": self.compactions, "compact_seconds": self.compact_seconds,
+            "compact_locked_seconds": self.compact_locked_seconds,
         }
 
     @property

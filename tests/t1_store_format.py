@@ -392,3 +392,22 @@ def test_compact_log_keeps_log_order_state_and_counts_joined_runs():
     (10**6, 10**6, True)])
 def test_compaction_rule(records, runs, want):
     assert fmt.worth_compacting(records, runs) is want
+
+
+def test_compact_log_reuses_the_records_encoded_before_a_change():
+    hdr = fmt.Header(uuid=os.urandom(16), gen=5, chunk_size=4096, cow_size=1 << 30)
+    runs = array("q", [v for i in range(10) for v in (10 * i, 2 + i, 1)])
+    before, frames = fmt.compact_frames(runs, fmt.log_seed(hdr.uuid), max_runs=3)
+    assert (len(before), len(frames)) == (27, 3)          # the partial fourth record left out
+    assert fmt.compact_log(hdr, runs, max_runs=3, frames=frames) == \
+        fmt.compact_log(hdr, runs, max_runs=3)
+    # committed since: runs appended; merged: the last ones, then one of record 2
+    runs.extend([200, 12, 1, 300, 13, 1])
+    assert fmt.unchanged_records(before, runs, max_runs=3) == 3
+    chunks.remove_run(runs, 40, 6, 1)
+    n = fmt.unchanged_records(before, runs, max_runs=3)
+    assert n == 1
+    new = fmt.compact_log(hdr, runs, max_runs=3, frames=frames[:n])
+    assert new == fmt.compact_log(hdr, runs, max_runs=3)
+    st = fmt.replay(fmt.scan_log(new.data, seed=fmt.log_seed(hdr.uuid)).records, new.header)
+    assert st.runs == runs and not st.problems

@@ -1,7 +1,10 @@
 """store.persistent: kernel-equal accounting, durability, crash recovery, group commit."""
 
 import errno
+import logging
 import os
+import threading
+import time
 
 import pytest
 import trio
@@ -836,4 +839,147 @@ async def test_failed_compaction_keeps_the_old_log(base, compact_small):
     s = await PersistentStore.open(base)
     assert chunks_of(s.exceptions()) == {(10 * i, 2 + i) for i in range(10)} | {(500, 12)}
     assert s.stats()["log_records"] == 4
+    await s.close()
+
+
+# -- online compaction ---------------------------------------------------------------
+
+@pytest.fixture
+def compact_online(monkeypatch):
+    """Compact logs of 16 records or more holding fewer than 4 runs per
+    record into records of 8 runs (more runs per record than the rule's,
+    as in production, or every commit would compact again)."""
+    monkeypatch.setattr(fmt, "COMPACT_MIN_RECORDS", 16)
+    monkeypatch.setattr(fmt, "COMPACT_RUNS_PER_RECORD", 4)
+    monkeypatch.setattr(fmt, "COMPACT_RECORD_RUNS", 8)
+
+
+async def settled(s):
+    """Wait until no compaction of `s` runs in the background."""
+    while s._compaction is not None:
+        await trio.sleep(0.005)
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_online_compaction_while_commits_and_merges_go_on(base, compact_online, caplog):
+    async with trio.open_nursery() as bg:
+        s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, spawn=bg.start_soon)
+        want, merged = set(), set()
+
+        async def writer(k):
+            for i in range(40):
+                r = await commit_one(s, 10_000 * k + 2 * i)    # one run per commit
+                want.add((r.old, r.new))
+
+        async with trio.open_nursery() as n:
+            for k in range(4):
+                n.start_soon(writer, k)
+            for _ in range(10):
+                await trio.sleep(0.002)
+                r = await s.prepare_merge(1)
+                await s.commit_merge(r)
+                merged.add((r.old, r.new))          # one chunk: max_chunks 1
+        await settled(s)
+        st = s.stats()
+        # every compaction left runs / 8 records
+        assert st["compactions"] >= 3 and st["log_records"] < 2 * 16, st
+        assert st["compact_locked_seconds"] <= st["compact_seconds"]
+        await s.close()
+    assert not warnings_of(caplog) and not os.path.exists(base + LOG_COMPACT_SUFFIX)
+    s = await PersistentStore.open(base)
+    assert chunks_of(s.exceptions()) == want - merged
+    assert s.stats()["runs"] == len(want - merged) and s.compactions == 0
+    await s.close()
+
+
+class GatedIO(FileIO):
+    """Holds `pread` of the whole log (the online compaction's read) or
+    `rename` for `hold` seconds once armed, and tells when it got there."""
+
+    def __init__(self, where):
+        self.where, self.armed, self.hold = where, False, 0.3
+        self.reached = threading.Event()
+
+    def _gate(self, where):
+        if self.armed and self.where == where:
+            self.reached.set()
+            time.sleep(self.hold)
+
+    def pread(self, fd, n, offset):
+        if offset == 0 and n > fmt.HEADER_AREA:
+            self._gate("read")
+        return super().pread(fd, n, offset)
+
+    def rename(self, src, dst):
+        self._gate("rename")
+        super().rename(src, dst)
+
+
+@pytest.mark.parametrize("where", ["read", "rename"])
+async def test_close_during_online_compaction(base, compact_online, where, caplog):
+    io = GatedIO(where)
+    async with trio.open_nursery() as bg:
+        s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, io=io,
+                                         spawn=bg.start_soon)
+        io.armed = True
+        runs = [await commit_one(s, 2 * i) for i in range(16)]
+        before = open(base + ".log", "rb").read()
+        while not io.reached.is_set():
+            await trio.sleep(0.005)
+        await s.close()
+        assert s._compaction is None
+    after = open(base + ".log", "rb").read()
+    if where == "read":
+        # cancelled before it wrote anything: the old log, no leftover
+        assert (s.compactions, after) == (0, before)
+    else:
+        # the rename had begun: close waited for the new log to be in place
+        assert s.compactions == 1 and len(after) < len(before)
+    assert not os.path.exists(base + LOG_COMPACT_SUFFIX) and not warnings_of(caplog)
+    s = await PersistentStore.open(base)
+    assert runs_of(s.exceptions()) == runs
+    await s.close()
+
+
+async def test_failed_online_compaction_warns_and_keeps_the_log(base, compact_online, caplog):
+    io = FailingIO()
+    io.fail = "rename"
+    async with trio.open_nursery() as bg:
+        s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, io=io,
+                                         spawn=bg.start_soon)
+        runs = []
+        for i in range(31):               # fails at 16 records, not tried again before 32
+            runs.append(await commit_one(s, 2 * i))
+            await settled(s)
+        assert s.valid and s.compactions == 0 and s.stats()["log_records"] == 31
+        assert len(warnings_of(caplog)) == 1 and "not compacted" in warnings_of(caplog)[0]
+        assert not os.path.exists(base + LOG_COMPACT_SUFFIX)
+        io.fail = None
+        runs.append(await commit_one(s, 100))
+        await settled(s)
+        assert s.compactions == 1 and s.stats()["log_records"] == 4
+        runs.append(await commit_one(s, 200))
+        await s.close()
+    s = await PersistentStore.open(base)
+    assert runs_of(s.exceptions()) == runs
+    await s.close()
+
+
+async def test_dropped_store_is_not_compacted_online(base, compact_online):
+    async with trio.open_nursery() as bg:
+        s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, spawn=bg.start_soon)
+        for i in range(15):
+            await commit_one(s, 2 * i)
+        # the commit that reaches the rule, then the drop before the
+        # compaction gets the log: it gives up
+        await commit_one(s, 100)
+        await s.drop_snapshot()
+        await settled(s)
+        assert s.compactions == 0
+        await s.close()
+    s = await PersistentStore.open(base)
+    assert not s.valid and s.stats()["log_records"] == 16
     await s.close()

@@ -27,9 +27,12 @@ chunks:
 * no COW chunk is lost: every chunk below next_free is used or free;
 * for some states, a commit after recovery survives a clean reopen.
 
-A second workload compacts the log at open (twice) and checks the same
-at every step of the compactions: the temporary file, its sync, the
-rename over the log, the directory sync, and the appends to the new log.
+A second workload compacts the log at open, then online (in the
+background while commits and a merge go on, some of them between the
+compaction's read of the log and its switch to the new one), and checks
+the same at every step of the compactions: the temporary file, its sync,
+the rename over the log, the directory sync, and the appends to the new
+log.
 
 The number of states is bounded by sampling (`STATES_PER_POINT`);
 DMFS_SLOW=1 explores ten times as many.
@@ -630,10 +633,13 @@ async def test_crash_between_out_of_order_commits_leaks_nothing():
 async def run_compaction_workload(fs: SimFS, rng: random.Random, monkeypatch) -> Model:
     """A qd1 session (one record per commit, merges, a state record, a torn
     tail), then: open (cuts the tail, compacts), commits, a merge, a header
-    change, close; open (compacts again), a commit, close.  Crash points
-    start at the first open."""
+    change, concurrent commits during which the log is compacted online
+    (three of them between its read of the log and its switch), a merge,
+    close; open, a commit, close.  Crash points start at the first open."""
     monkeypatch.setattr(fmt, "COMPACT_MIN_RECORDS", 12)
     monkeypatch.setattr(fmt, "COMPACT_RECORD_RUNS", 4)   # several records per compacted log
+    # not below COMPACT_RECORD_RUNS, or every commit would compact again
+    monkeypatch.setattr(fmt, "COMPACT_RUNS_PER_RECORD", 2)
     s = await PersistentStore.create(BASE, chunk_size=CS, cow_size=COW_SIZE, io=fs)
     m = Model(fs)
     next_old = [0]
@@ -680,28 +686,61 @@ async def run_compaction_workload(fs: SimFS, rng: random.Random, monkeypatch) ->
     m.note("commit-ack", [ExceptionRun(old, new) for old, new in before])
     m.note("hdr-attempt", state)
     m.note("hdr-ack", state)
-    s = await PersistentStore.open(BASE, io=fs)
-    assert sorted(handed_over(s)) == before
-    assert s.stats()["log_records"] == -(-s.stats()["runs"] // 4) > 1 and s.compact_seconds > 0
-    assert (s.valid, s.overflow, s.cow_size) == state
-    next_old[0] = 1000
-    for _ in range(3):
-        await commit([prepare(1)])
-    async with trio.open_nursery() as n:
+    # the online compaction, once it read the log, waits for three commits
+    compact_frames, reading, go = fmt.compact_frames, threading.Event(), threading.Event()
+
+    def gated(*args, **kwargs):
+        m.note("compact-read")
+        reading.set()
+        go.wait(10)
+        return compact_frames(*args, **kwargs)
+
+    monkeypatch.setattr(fmt, "compact_frames", gated)
+    async with trio.open_nursery() as bg:
+        s = await PersistentStore.open(BASE, io=fs, spawn=bg.start_soon)
+        assert sorted(handed_over(s)) == before
+        assert s.stats()["log_records"] == -(-s.stats()["runs"] // 4) > 1 and s.compact_seconds > 0
+        assert (s.valid, s.overflow, s.cow_size) == state
+        next_old[0] = 1000
         for _ in range(3):
-            n.start_soon(commit, [prepare(1)])
-    r = await s.prepare_merge(2)       # the log-ordered list comes from the new log
-    m.note("merge-attempt", r)
-    await s.commit_merge(r)
-    m.note("merge-ack", r)
-    m.note("hdr-attempt", (True, False, COW_SIZE + 30 * CS))
-    await s.set_cow_size(COW_SIZE + 30 * CS)
-    m.note("hdr-ack", (True, False, COW_SIZE + 30 * CS))
-    for _ in range(10):
+            await commit([prepare(1)])
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(commit, [prepare(1)])
+        r = await s.prepare_merge(2)       # the log-ordered list comes from the new log
+        m.note("merge-attempt", r)
+        await s.commit_merge(r)
+        m.note("merge-ack", r)
+        m.note("hdr-attempt", (True, False, COW_SIZE + 30 * CS))
+        await s.set_cow_size(COW_SIZE + 30 * CS)
+        m.note("hdr-ack", (True, False, COW_SIZE + 30 * CS))
+        acked_while_compacting = 0
+
+        async def committer():
+            nonlocal acked_while_compacting
+            for _ in range(5):
+                await commit([prepare(1)])
+                if reading.is_set():
+                    acked_while_compacting += 1
+                    if acked_while_compacting == 3:
+                        go.set()
+
+        try:
+            async with trio.open_nursery() as n:
+                for _ in range(2):
+                    n.start_soon(committer)
+        finally:
+            go.set()
+        while s.compactions < 2:
+            await trio.sleep(0.001)
+        assert s.stats()["log_records"] < 12, "the online compaction did not take the tail"
+        r = await s.prepare_merge(1)       # the list loaded before the compaction
+        m.note("merge-attempt", r)
+        await s.commit_merge(r)
+        m.note("merge-ack", r)
         await commit([prepare(1)])
-    await s.close()
+        await s.close()
     s = await PersistentStore.open(BASE, io=fs)
-    assert s.compact_seconds > 0, "the second open did not compact"
     s.exceptions()
     await commit([prepare(1)])
     await s.close()
@@ -713,7 +752,10 @@ async def test_power_loss_during_compaction(monkeypatch):
     fs = SimFS()
     m = await run_compaction_workload(fs, rng, monkeypatch)
     trace, base = list(fs.trace), dict(fs.base)
-    assert sum(op[0] == "r" for op in trace) == 2
+    renames = [i for i, op in enumerate(trace) if op[0] == "r"]
+    assert len(renames) == 2     # at open, online
+    read = next(pos for pos, kind, _ in m.events if kind == "compact-read")
+    assert sum(read < pos <= renames[1] and kind == "commit-ack" for pos, kind, _ in m.events) >= 3
     states = both = 0
     for n in range(len(trace) + 1):
         for files in crash_states(base, trace, n, rng, STATES_PER_POINT):

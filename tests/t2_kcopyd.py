@@ -591,14 +591,20 @@ async def test_throttle_percent_is_settable(autojump_clock):
 # -- batched small jobs ------------------------------------------------------
 
 
+def count_batch_hops(monkeypatch) -> list[int]:
+    """The number of jobs of every batch thread hop, appended as they run."""
+    hops = []
+    real = client_mod._batch_io
+    monkeypatch.setattr(client_mod, "_batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
+    return hops
+
+
 async def test_small_jobs_share_one_thread_hop(files, monkeypatch):
     data = os.urandom(64 * KiB)
     src = files("src", data)
     dst_a, dst_b = files("a"), files("b")
     kc = KcopydClient(batch_max=8 * KiB)
-    hops = []
-    real = client_mod._batch_io
-    monkeypatch.setattr(client_mod, "_batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
+    hops = count_batch_hops(monkeypatch)
     results = []
     async with trio.open_nursery() as nursery:
         for i in range(8):
@@ -619,9 +625,7 @@ async def test_batched_jobs_keep_fifo_admission_under_the_bound(files, monkeypat
     src = files("src", os.urandom(MiB))
     dst = files("dst")
     kc = KcopydClient(cow_threshold=3, batch_max=4 * KiB)
-    hops = []
-    real = client_mod._batch_io
-    monkeypatch.setattr(client_mod, "_batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
+    hops = count_batch_hops(monkeypatch)
     order = []
     async with trio.open_nursery() as nursery:
         for i in range(4):

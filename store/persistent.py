@@ -430,10 +430,10 @@ class PersistentStore(ExceptionStore):
     # the log wasteful (`fmt.worth_compacting`, the rule open applies) and
     # rewrites R runs into R / COMPACT_RECORD_RUNS records; the next one
     # starts only when the records reach R' / COMPACT_RUNS_PER_RECORD for
-    # the R' runs then, so R' < 8 * (R / 10 000 + records appended since).
-    # Summed over a session, the runs rewritten stay below ~8.01 per record
+    # the R' runs then, so R' < 16 * (R / 10 000 + records appended since).
+    # Summed over a session, the runs rewritten stay below ~16 per record
     # ever appended (a commit or merge step, ~1 ms of syncs at qd1) and
-    # each costs ~0.3 us to read back and ~0.3 us to write: ~5 us per
+    # each costs ~0.3 us to read back and ~0.3 us to write: ~10 us per
     # commit at worst, linear in the exceptions however long the session.
 
     def _maybe_compact(self) -> None:

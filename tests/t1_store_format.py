@@ -388,7 +388,7 @@ def test_compact_log_keeps_log_order_state_and_counts_joined_runs():
 
 
 @pytest.mark.parametrize("records,runs,want", [
-    (4095, 0, False), (4096, 8 * 4096 - 1, True), (4096, 8 * 4096, False), (1000, 10**6, False),
+    (4095, 0, False), (4096, 16 * 4096 - 1, True), (4096, 16 * 4096, False), (1000, 10**6, False),
     (10**6, 10**6, True)])
 def test_compaction_rule(records, runs, want):
     assert fmt.worth_compacting(records, runs) is want

@@ -767,9 +767,9 @@ async def test_logs_of_fat_or_few_records_are_not_compacted(base, monkeypatch):
     await s.close()
     s = await PersistentStore.open(base)
     assert s.compact_seconds == 0.0 and s.stats()["log_records"] == 7
-    for i in range(3):                                   # 82 runs in 10 records
-        await s.commit_exceptions([ExceptionRun(1000 + 100 * i + 2 * k, s.prepare_exception().new)
-                                   for k in range(25)])
+    for i in range(3):                                   # 187 runs in 10 records
+        await s.commit_exceptions([ExceptionRun(1000 + 200 * i + 2 * k, s.prepare_exception().new)
+                                   for k in range(60)])
     await s.close()
     s = await PersistentStore.open(base)
     assert s.compact_seconds == 0.0 and s.stats()["log_records"] == 10

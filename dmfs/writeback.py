@@ -132,8 +132,7 @@ class WritebackCache:
         held, which may mean waiting for room.
         """
         n = len(data)
-        # No checkpoint when there is room: a writer that never waits
-        # starves the applier only until the cache is full.
+        # No checkpoint of its own: MappedDevice.submit is one.
         while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
             await self._changed.wait()
         deps = self.overlapping(start, start + n)
@@ -202,6 +201,8 @@ class WritebackCache:
                         if self.error is None:
                             self.error = err.errno or errno.EIO
                     self._release(e)
+                # One pass, not a list.remove per entry (up to max_entries).
+                self._queue = [e for e in self._queue if not e.applied.is_set()]
                 ev, self._changed = self._changed, trio.Event()
                 ev.set()
         finally:
@@ -213,7 +214,6 @@ class WritebackCache:
             lst.remove(e)
             if not lst:
                 del self._regions[r]
-        self._queue.remove(e)
         self.nbytes -= e.end - e.start
         self.entries -= 1
         e.data = None

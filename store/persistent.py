@@ -40,6 +40,7 @@ writes and syncs.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -465,23 +466,18 @@ class PersistentStore(ExceptionStore):
             with cancel:
                 if not self.valid or self._log_end < 0:
                     return   # dropped or failed since the commit that started it
-                end, seq, hdr, seed = self._log_end, self._seq, self._hdr, self._seed
-                log_fd, io, max_runs = self.log_fd, self._io, fmt.COMPACT_RECORD_RUNS
+                end, seq, seed, max_runs = self._log_end, self._seq, self._seed, fmt.COMPACT_RECORD_RUNS
                 # nothing before `end` changes while the store runs
-                buf = await trio.to_thread.run_sync(io.pread_all, log_fd, end, 0)
+                buf = await trio.to_thread.run_sync(self._io.pread_all, self.log_fd, end, 0)
+                reread = functools.partial(self._reread, buf, end, seq, self._hdr)
 
                 def decode() -> tuple[array, tuple[array, list[bytes]]]:
-                    scan = fmt.scan_log(buf, seed=seed)
-                    st = fmt.replay(scan.records, hdr, layout=False)
-                    if (scan.end, scan.last_seq, st.problems) != (end, seq, []):
-                        raise fmt.FormatError(f"log does not replay to seq {seq} at {end}: "
-                                              f"seq {scan.last_seq} at {scan.end}, "
-                                              f"{scan.stop}, {st.problems}")
-                    return st.runs, fmt.compact_frames(st.runs, seed, max_runs=max_runs)
+                    runs = reread().runs
+                    return runs, fmt.compact_frames(runs, seed, max_runs=max_runs)
 
                 # pure work on bytes in memory: a cancel need not wait for it
                 runs, frames = await trio.to_thread.run_sync(decode, abandon_on_cancel=True)
-                del buf
+                del buf, reread
                 await self._compact(runs, end=end, seq=seq, frames=frames, max_runs=max_runs,
                                     started=started)
         except Exception as e:   # noqa: BLE001 - whatever failed, the old log serves
@@ -490,6 +486,22 @@ class PersistentStore(ExceptionStore):
         finally:
             self._compaction = None
             done.set()
+
+    def _reread(self, buf: bytes, end: int, seq: int, hdr: fmt.Header) -> fmt.Replay:
+        """Replay `buf`, the log's first `end` bytes read again, in log
+        order (a worker thread: no store state is touched).
+
+        Raises:
+          fmt.FormatError: it does not end with record `seq` at `end`
+            cleanly (the log was damaged since the store wrote it).
+        """
+        scan = fmt.scan_log(buf, seed=self._seed)
+        st = fmt.replay(scan.records, hdr, layout=False)
+        if (scan.end, scan.last_seq, st.problems) != (end, seq, []):
+            raise fmt.FormatError(f"log does not replay to seq {seq} at {end}: "
+                                  f"seq {scan.last_seq} at {scan.end}, {scan.stop}"
+                                  + "".join(f"; {p}" for p in st.problems))
+        return st
 
     async def _compact(self, runs: array, *, end: int, seq: int,
                        frames: tuple[array, list[bytes]] | None = None,
@@ -827,21 +839,20 @@ class PersistentStore(ExceptionStore):
             end, seq, chunks = self._log_end, self._seq, self._committed_chunks
             if end < 0:
                 raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed append")
-            log_fd, io, seed, hdr = self.log_fd, self._io, self._seed, self._hdr
+            log_fd, io, hdr = self.log_fd, self._io, self._hdr
 
-            def work() -> tuple[fmt.LogScan, fmt.Replay]:
-                scan = fmt.scan_log(io.read_all(log_fd)[:end], seed=seed)
-                return scan, fmt.replay(scan.records, hdr, layout=False)
+            def work() -> fmt.Replay:
+                return self._reread(io.pread_all(log_fd, end, 0), end, seq, hdr)
 
             try:
-                scan, st = await trio.to_thread.run_sync(work)
-            except (OSError, fmt.FormatError) as e:
+                st = await trio.to_thread.run_sync(work)
+            except OSError as e:
                 raise DmError(errno.EIO, f"cannot read {self.log_path} again: {e}") from None
-            if (scan.end, scan.last_seq, st.chunks, st.problems) != (end, seq, chunks, []):
+            except fmt.FormatError as e:
+                raise DmError(errno.EIO, f"{self.log_path} changed since it was opened: {e}") from None
+            if st.chunks != chunks:
                 raise DmError(errno.EIO, f"{self.log_path} changed since it was opened: "
-                              f"{st.chunks} exceptions up to seq {scan.last_seq} at "
-                              f"{scan.end}, not {chunks} up to seq {seq} at {end}"
-                              + "".join(f"; {p}" for p in st.problems))
+                              f"{st.chunks} exceptions, not {chunks}")
             self._merge_runs = st.runs
             log.info("%s: %d exceptions in %d runs listed for merging", self.base_path,
                      chunks, len(st.runs) // 3)

@@ -481,7 +481,12 @@ class PersistentStore(ExceptionStore):
                 await self._compact(runs, end=end, seq=seq, frames=frames, max_runs=max_runs,
                                     started=started)
         except Exception as e:   # noqa: BLE001 - whatever failed, the old log serves
-            log.warning("%s: log not compacted online, the old one stays: %s", self.log_path, e)
+            if self._log_end < 0:
+                # the rename happened but is not known durable (`_compact`)
+                log.error("%s: %s; the store takes no more commits", self.log_path, e)
+            else:
+                log.warning("%s: log not compacted online, the old one stays: %s",
+                            self.log_path, e)
             self._compact_not_before = 2 * self._log_records
         finally:
             self._compaction = None

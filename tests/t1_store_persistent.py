@@ -968,6 +968,35 @@ async def test_failed_online_compaction_warns_and_keeps_the_log(base, compact_on
     await s.close()
 
 
+async def test_online_compaction_with_a_failed_directory_sync(base, compact_online, caplog):
+    """The new log was renamed over the old one but the rename is not known
+    durable: a crash may leave either log, so nothing more may be appended
+    to the new one.  Commits then fail with EIO (the snapshot layer
+    invalidates the snapshot), and every commit acknowledged before is in
+    whichever log a crash leaves."""
+    io = FailingIO()
+    async with trio.open_nursery() as bg:
+        s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, io=io,
+                                         spawn=bg.start_soon)
+        io.fail = "fsync_dir"
+        runs = []
+        for i in range(16):               # the 16th commit starts the compaction
+            runs.append(await commit_one(s, 2 * i))
+        await settled(s)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "cannot sync the directory" in errors[0] \
+            and "no more commits" in errors[0], errors
+        assert not any("the old one stays" in w for w in warnings_of(caplog))
+        with pytest.raises(DmError, match="not writable") as ei:
+            await commit_one(s, 100)
+        assert ei.value.errno == errno.EIO and s.compactions == 0
+        await s.close()
+    assert not os.path.exists(base + LOG_COMPACT_SUFFIX)
+    s = await PersistentStore.open(base)     # the new log: the rename stayed
+    assert runs_of(s.exceptions()) == runs and s.stats()["log_records"] == 2
+    await s.close()
+
+
 async def test_dropped_store_is_not_compacted_online(base, compact_online):
     async with trio.open_nursery() as bg:
         s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, spawn=bg.start_soon)

@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 KCOPYD_MAX_REGIONS = 8
 # COW copies up to this size share one thread hop with every other such
 # copy queued at the time (DESIGN §4: never a hop per 4 KiB).
-INLINE_COPY_MAX = 64 * 1024
+BATCH_COPY_MAX = 64 * 1024
 
 
 class PendingException:
@@ -628,7 +628,7 @@ class Origin(Volume):
         self.backing = backing
         self.nursery = nursery
         self.snapshots: list[Snapshot] = []
-        self.kcopyd = KcopydClient(inline_max=INLINE_COPY_MAX, batch_max=INLINE_COPY_MAX)
+        self.kcopyd = KcopydClient(batch_max=BATCH_COPY_MAX)
         self.config_lock = trio.Lock()
         self.meta_lock = trio.Lock()
         self.merge = None  # dmfs.snapshot_merge.Merge while a snapshot merges into this origin

@@ -114,8 +114,6 @@ class KcopydClient:
       subjob_size: bytes per sub-job (kernel ``kcopyd_subjob_size_kb``).
       limiter: bounds the worker threads of this client; by default a new
         `trio.CapacityLimiter` with `DEFAULT_THREADS` tokens.
-      inline_max: sub-jobs of at most this many bytes run on the trio
-        thread: a page-cached 4 KiB copy takes a few µs, a thread hop ~60.
       batch_max: `copy_soon` jobs of at most this many bytes are not given
         a task each: they queue, and one worker runs every job queued at
         the time in one thread hop (the kernel's kcopyd thread, which
@@ -134,10 +132,8 @@ class KcopydClient:
         throttle_percent: int = 100,
         subjob_size: int = 512 * 1024,
         limiter: trio.CapacityLimiter | None = None,
-        inline_max: int = 0,
         batch_max: int = 0,
     ):
-        self.inline_max = inline_max
         self.batch_max = batch_max
         self._batch: deque[_BatchJob] = deque()
         self._batching = False  # the batch worker task is running
@@ -462,14 +458,11 @@ class KcopydClient:
         """One thread hop for bytes [rel, rel+length) of a job; merge its errors."""
         await self.throttle.io_job_start()
         try:
-            if length <= self.inline_max:
-                read_error, write_errors = _subjob_io(src, dests, rel, length)
-            else:
-                # abandon_on_cancel=False (the default): a cancelled job still
-                # waits for its thread, so no I/O runs after its room is released.
-                read_error, write_errors = await trio.to_thread.run_sync(
-                    _subjob_io, src, dests, rel, length, limiter=self.limiter
-                )
+            # abandon_on_cancel=False (the default): a cancelled job still
+            # waits for its thread, so no I/O runs after its room is released.
+            read_error, write_errors = await trio.to_thread.run_sync(
+                _subjob_io, src, dests, rel, length, limiter=self.limiter
+            )
         finally:
             self.throttle.io_job_finish()
         if read_error is not None and result.read_error is None:

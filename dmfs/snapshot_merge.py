@@ -5,15 +5,17 @@ When a merge starts, the origin device's table becomes a `MergeTarget`
 that moment the origin reads as the snapshot did: a chunk the snapshot
 still has an exception for is read from the COW store, every other chunk
 from the origin.  In the background, `Merge.run` copies the exceptions
-back into the origin, from the end of the log, one run of consecutive
-chunks per kcopyd job (dm's snapshot_merge_next_chunks / merge_callback):
+back into the origin, from the end of the log, in steps (dm's
+snapshot_merge_next_chunks / merge_callback).  A step takes the last
+runs of consecutive chunks, up to MERGE_STEP_RUNS of them (dm: one), one
+kcopyd job each:
 
 1. every *other* snapshot of the origin first gets its copy of the origin
    chunks about to be overwritten (origin_write_extent);
-2. writes to the run are queued from here on, and writes already in
-   flight to its COW chunks are drained (they were tracked);
+2. writes to the runs are queued from here on, and writes already in
+   flight to their COW chunks are drained (they were tracked);
 3. kcopyd copies COW -> origin;
-4. the origin is flushed, and only then does the store record the run
+4. the origin is flushed, and only then does the store record the runs
    as merged (the other order lost data in the kernel);
 5. the exceptions leave the in-memory table and the queued writes go on.
 
@@ -23,6 +25,7 @@ plain snapshot-origin table back.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kcopyd import Region
+from kcopyd import CopyResult, Region
 
 from .errors import DmError
 from .request import Op, Request
@@ -42,16 +45,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-# One merge job copies at most this much (kcopyd splits it into sub-jobs).
+# One merge step copies at most this much (kcopyd splits a run into sub-jobs)
 MERGE_JOB_BYTES = 4 << 20
+# and at most this many runs.  dm merges one run of consecutive chunks per
+# step, so a scattered snapshot costs two flushes (origin, then store) per
+# chunk; its on-disk format can only forget exceptions from the end.  An
+# "m" record lists any runs, so one step takes many: the same two flushes
+# then serve up to this many runs.
+MERGE_STEP_RUNS = 1024
 
 
 class Merge:
     """The state of one running (or paused, or failed) merge.
 
     Invariants:
-      * `merging` is the (old, count) run being copied, or None; writes to
-        it wait on `_progress`;
+      * `merging` is the (old, count) runs being copied, sorted and
+        disjoint, or None; writes to them wait on `_progress`;
       * `done` + chunks left in `snap.complete` == `total`;
       * at most one `run()` loop is active (`_running`).
     """
@@ -63,7 +72,7 @@ class Merge:
         self.total = total
         self.state = "merging"          # merging | paused | failed | done
         self.reason = ""
-        self.merging: tuple[int, int] | None = None
+        self.merging: list[tuple[int, int]] | None = None
         self.tracked_writes = _TrackedChunks()
         self._progress = trio.Event()
         self._running: trio.Event | None = None  # set when the loop exits
@@ -107,11 +116,13 @@ class Merge:
         ev.set()
 
     def is_merging(self, start: int, count: int) -> bool:
-        """Do chunks [start, start+count) overlap the run being merged?"""
+        """Do chunks [start, start+count) overlap a run being merged?"""
         if self.merging is None:
             return False
-        m0, n = self.merging
-        return m0 < start + count and start < m0 + n
+        # the runs are sorted and disjoint: only the last one starting
+        # before chunk start+count can reach chunk start
+        i = bisect.bisect_left(self.merging, (start + count,))
+        return i > 0 and start < self.merging[i - 1][0] + self.merging[i - 1][1]
 
     async def wait_progress(self) -> None:
         await self._progress.wait()
@@ -139,40 +150,52 @@ class Merge:
         self.reason = reason
 
     async def _merge_one(self) -> bool:
-        """Merge one run; False when there is nothing left or it failed."""
+        """Merge one step; False when there is nothing left or it failed."""
         s, o = self.snap, self.origin
         cs = s.chunk_size
         if not s.valid:
             self._fail("snapshot is invalid: can't merge")
             return False
         try:
-            run = await s.store.prepare_merge(max(1, MERGE_JOB_BYTES // cs))
+            runs = await s.store.prepare_merge(max(1, MERGE_JOB_BYTES // cs), MERGE_STEP_RUNS)
         except DmError as e:
             self._fail(str(e))
             return False
-        if run is None:
+        if not runs:
             self.state = "done"
             log.info("merge of %s into %s complete", s.name, o.name)
             o.nursery.start_soon(self.pool.finish_merge, o)
             return False
-        lo = run.old * cs
-        length = s.chunk_bytes(run.old, run.count)
         # 1. Keep the other snapshots valid: they get the origin data first.
+        #    A pass that starts no copy ends it, with no checkpoint before 2.
         while True:
-            waits = o.start_cow(lo, lo + length)
+            waits = [pe for r in runs
+                     for pe in o.start_cow(r.old * cs, r.old * cs + s.chunk_bytes(r.old, r.count))]
             if not waits:
                 break
             for pe in waits:
                 await pe.wait()
-        # 2. Queue new writes to the run; drain the ones in flight.
-        self.merging = (run.old, run.count)
-        await self.tracked_writes.wait_clear(run.old, run.count)
-        # 3. Copy the COW chunks back.
-        res = await o.kcopyd.copy(Region(s.store.cow_fd, run.new * cs, length),
-                                  [Region(o.fd, lo, length)], chunks=run.count)
-        if not res.ok:
-            err = res.read_error or next(iter(res.write_errors.values()))
-            self._fail(f"{'read' if res.read_error else 'write'} error: {os.strerror(err)}")
+        # 2. Queue new writes to the runs; drain the ones in flight.
+        self.merging = sorted((r.old, r.count) for r in runs)
+        for r in runs:
+            await self.tracked_writes.wait_clear(r.old, r.count)
+        # 3. Copy the COW chunks back: a job per run; kcopyd runs the small
+        #    ones queued together in one thread hop.
+        errors: list[str] = []
+
+        def copied(res: CopyResult) -> None:
+            if not res.ok:
+                err = res.read_error or next(iter(res.write_errors.values()))
+                errors.append(f"{'read' if res.read_error else 'write'} error: "
+                              f"{os.strerror(err)}")
+
+        async with trio.open_nursery() as n:
+            for r in runs:
+                length = s.chunk_bytes(r.old, r.count)
+                o.kcopyd.copy_soon(n, Region(s.store.cow_fd, r.new * cs, length),
+                                   [Region(o.fd, r.old * cs, length)], copied, chunks=r.count)
+        if errors:
+            self._fail(errors[0])
             return False
         # 4. Merged data durable in the origin before the store forgets it.
         try:
@@ -181,13 +204,14 @@ class Merge:
             self._fail(f"flush after merge failed: {e.strerror}")
             return False
         try:
-            await s.store.commit_merge(run)
+            await s.store.commit_merge(runs)
         except DmError as e:
             self._fail(f"write error in exception store: {e}")
             return False
         # 5. Forget the exceptions, let the queued writes go to the origin.
-        s.complete.remove(run.old, run.count)
-        self.bytes_merged += length
+        for r in runs:
+            s.complete.remove(r.old, r.count)
+            self.bytes_merged += s.chunk_bytes(r.old, r.count)
         self.merging = None
         self._wake()
         return True

@@ -30,6 +30,7 @@ copy would double the memory).
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from array import array
 from dataclasses import dataclass
 
@@ -142,10 +143,12 @@ class ExceptionStore(abc.ABC):
 
     # -- merge -----------------------------------------------------------
 
-    async def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
-        """The last committed run (at most `max_chunks` chunks of it), or None.
+    async def prepare_merge(self, max_chunks: int, max_runs: int = 1) -> list[ExceptionRun]:
+        """The last committed runs, latest first: at most `max_runs` runs and
+        `max_chunks` chunks in all (the earliest may be the tail of a run);
+        empty when none is left.
 
-        Merging runs from the end of the log backwards, so a run is always
+        Merging runs from the end of the log backwards, so runs are always
         taken off the end (dm's prepare_merge).  The first call may take a
         while: the store lists its exceptions in log order only for a merge.
 
@@ -156,9 +159,9 @@ class ExceptionStore(abc.ABC):
         from dmfs.errors import DmError
         raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
 
-    async def commit_merge(self, run: ExceptionRun) -> None:
-        """Durably forget `run`, whose data the caller copied into the origin
-        and flushed there first."""
+    async def commit_merge(self, merged: Sequence[ExceptionRun]) -> None:
+        """Durably forget the runs `merged`, whose data the caller copied
+        into the origin and flushed there first: all of them or none."""
         import errno
         from dmfs.errors import DmError
         raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")

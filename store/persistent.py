@@ -47,6 +47,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from itertools import chain
+from collections.abc import Sequence
 from typing import Callable
 
 import trio
@@ -56,7 +57,7 @@ from dmfs.errors import DmError, SnapshotInvalid
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
-from .chunks import coalesce, extend_runs, find_run, persistent_allocator
+from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
 from .fileio import OS_IO, FileIO
 
 log = logging.getLogger(__name__)
@@ -813,9 +814,12 @@ class PersistentStore(ExceptionStore):
 
     # -- merge -----------------------------------------------------------
 
-    async def prepare_merge(self, max_chunks: int) -> ExceptionRun | None:
-        """The last committed exceptions, as one run of at most `max_chunks`
-        consecutive chunks (persistent_prepare_merge), or None when empty.
+    async def prepare_merge(self, max_chunks: int, max_runs: int = 1) -> list[ExceptionRun]:
+        """The last committed exceptions, latest first: at most `max_runs`
+        runs of consecutive chunks and `max_chunks` chunks in all (the
+        earliest run taken may be the tail of a longer one).  One run is
+        dm's persistent_prepare_merge; several make one merge step of
+        scattered exceptions.  Empty when nothing is left.
 
         The first call reads the log again (`_load_merge_runs`).
 
@@ -824,11 +828,15 @@ class PersistentStore(ExceptionStore):
         """
         self._check_open()
         runs = await self._load_merge_runs()
-        if not runs:
-            return None
-        old, new, count = runs[-3:]
-        n = min(count, max_chunks)
-        return ExceptionRun(old + count - n, new + count - n, n)
+        taken: list[ExceptionRun] = []
+        i = len(runs) - 3
+        while i >= 0 and max_chunks > 0 and len(taken) < max_runs:
+            old, new, count = runs[i], runs[i + 1], runs[i + 2]
+            n = min(count, max_chunks)
+            taken.append(ExceptionRun(old + count - n, new + count - n, n))
+            max_chunks -= n
+            i -= 3
+        return taken
 
     async def _load_merge_runs(self) -> array:
         """The committed runs in log order, as a replay of the log gives
@@ -863,25 +871,34 @@ class PersistentStore(ExceptionStore):
                      chunks, len(st.runs) // 3)
             return st.runs
 
-    async def commit_merge(self, run: ExceptionRun) -> None:
-        """Forget `run`: its data is in the origin (the caller flushed it).
+    async def commit_merge(self, merged: Sequence[ExceptionRun]) -> None:
+        """Forget the runs `merged`: their data is in the origin (the caller
+        flushed it).
 
         One "m" record, appended and synced (the kernel's commit_merge).
 
         Raises:
           DmError(EIO): the record could not be written, or the log not
             read again (see `prepare_merge`).
-          ValueError: `run` is not a committed exception.
+          ValueError: a run is not a committed exception, or two overlap.
         """
         self._check_open()
+        merged = list(merged)
+        if not merged:
+            return
         await self._drain()
         runs = await self._load_merge_runs()
         async with self._log_lock:
-            i, j, pieces = find_run(runs, run.old, run.new, run.count)  # before writing anything
+            # everything checked before anything is written
+            for r in merged:
+                find_run(runs, r.old, r.new, r.count)
+            by_old = sorted(merged, key=lambda r: r.old)
+            if any(a.old + a.count > b.old for a, b in zip(by_old, by_old[1:])):
+                raise ValueError(f"merged runs overlap: {by_old}")
             log_fd, off, io = self.log_fd, self._log_end, self._io
             if off < 0:
                 raise DmError(errno.EIO, f"{self.log_path} is not writable after a failed append")
-            frame = fmt.encode_record(fmt.merge_record(self._seq + 1, [run]), self._seed)
+            frame = fmt.encode_record(fmt.merge_record(self._seq + 1, merged), self._seed)
 
             def work() -> None:
                 io.pwrite_all(log_fd, frame, off)
@@ -896,12 +913,14 @@ class PersistentStore(ExceptionStore):
             self._log_end = off + len(frame)
             self._seq += 1
             self._log_records += 1
-            runs[i:j] = pieces
-            self._committed_chunks -= run.count
+            for r in merged:     # as a replay of the record does
+                remove_run(runs, r.old, r.new, r.count)
+            self._committed_chunks -= sum(r.count for r in merged)
             self._run_count = len(runs) // 3
             self._tail = tuple(runs[-3:]) or None
         self.records += 1
-        self._alloc.release(run.new, run.count)
+        for r in merged:
+            self._alloc.release(r.new, r.count)
         self._maybe_compact()
 
     # -- state -----------------------------------------------------------

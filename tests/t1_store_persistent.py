@@ -650,7 +650,7 @@ async def test_merge_and_commit_appends_do_not_interleave(base):
 
     async def merges():
         for r in reversed(runs[10:]):
-            await s.commit_merge(r)
+            await s.commit_merge([r])
 
     async def commits(first):
         for i in range(40):
@@ -663,7 +663,7 @@ async def test_merge_and_commit_appends_do_not_interleave(base):
     want = {(x.old, x.new) for x in runs[:10] + committed}
     runs_before = s.stats()["runs"]
     # the merge list, loaded by the first merge, followed the commits
-    last = await s.prepare_merge(1)
+    [last] = await s.prepare_merge(1)
     assert (last.old, last.new) in {(x.old, x.new) for x in committed}
     await s.close()
     s = await PersistentStore.open(base)
@@ -681,9 +681,9 @@ async def test_merge_takes_runs_off_the_end_of_the_log(base):
     s = await PersistentStore.open(base)
     s.exceptions()
     merged = []
-    while (r := await s.prepare_merge(1)) is not None:
-        await s.commit_merge(r)
-        merged.append(r.old)
+    while rs := await s.prepare_merge(1):
+        await s.commit_merge(rs)
+        merged.append(rs[0].old)
         if len(merged) == 3:                  # a merge resumes after a restart
             await s.close()
             s = await PersistentStore.open(base)
@@ -706,6 +706,31 @@ async def test_merge_refuses_a_log_damaged_since_open(base):
     with pytest.raises(DmError, match="changed since it was opened") as ei:
         await s.prepare_merge(1)
     assert ei.value.errno == errno.EIO
+    await s.close()
+
+
+async def test_one_merge_step_takes_several_runs(base):
+    s = await make(base)
+    committed = [await commit_one(s, old, count)
+                 for old, count in [(700, 1), (5, 1), (300, 3), (6, 1), (100, 2)]]
+    assert [(r.old, r.count) for r in await s.prepare_merge(4, max_runs=8)] == \
+        [(100, 2), (6, 1), (302, 1)]                 # the earliest: the tail of its run
+    assert [(r.old, r.count) for r in await s.prepare_merge(100, max_runs=2)] == [(100, 2), (6, 1)]
+    step = await s.prepare_merge(4, max_runs=8)
+    records = s.stats()["log_records"]
+    with pytest.raises(ValueError, match="overlap"):
+        await s.commit_merge([step[0], ExceptionRun(101, step[0].new + 1, 1)])
+    with pytest.raises(ValueError, match="not a committed exception"):
+        await s.commit_merge([step[0], ExceptionRun(6, 999, 1)])
+    assert s.stats()["log_records"] == records         # nothing written
+    await s.commit_merge(step)                           # one record for three runs
+    assert s.stats()["log_records"] == records + 1
+    assert [(r.old, r.count) for r in await s.prepare_merge(100, max_runs=8)] == \
+        [(300, 2), (5, 1), (700, 1)]
+    await s.close()
+    s = await PersistentStore.open(base)
+    flat = lambda runs: [x for r in runs for x in (r.old, r.new, r.count)]     # noqa: E731
+    assert chunks_of(s.exceptions()) == chunks_of(flat(committed)) - chunks_of(flat(step))
     await s.close()
 
 
@@ -747,9 +772,9 @@ async def test_open_compacts_a_log_of_small_records(base, compact_small):
     assert (st["log_records"], st["log_bytes"], st["runs"]) == (3, scan.end, 9)
     # the open store appends to the new log, merges from it, updates its header
     run = await commit_one(s, 500)
-    last = await s.prepare_merge(1)
+    [last] = await s.prepare_merge(1)
     assert last == run
-    await s.commit_merge(last)
+    await s.commit_merge([last])
     await commit_one(s, 600)
     await s.set_cow_size(2 * G1)
     await s.close()
@@ -879,8 +904,8 @@ async def test_online_compaction_while_commits_and_merges_go_on(base, compact_on
                 n.start_soon(writer, k)
             for _ in range(10):
                 await trio.sleep(0.002)
-                r = await s.prepare_merge(1)
-                await s.commit_merge(r)
+                [r] = await s.prepare_merge(1)
+                await s.commit_merge([r])
                 merged.add((r.old, r.new))          # one chunk: max_chunks 1
         await settled(s)
         st = s.stats()

@@ -384,9 +384,9 @@ async def run_workload(fs: SimFS, rng: random.Random, monkeypatch) -> Model:
         else:
             await s.set_cow_size(COW_SIZE + 40 * CS)
         m.note("hdr-ack", state(s))
-    # merges take runs off the end
+    # merges take runs off the end, several in one step
     for _ in range(2):
-        r = await s.prepare_merge(2)
+        r = await s.prepare_merge(3, max_runs=2)
         m.note("merge-attempt", r)
         await s.commit_merge(r)
         m.note("merge-ack", r)
@@ -453,7 +453,7 @@ def promised(m: Model, n: int):
         elif kind == "commit-ack":
             required |= chunks_of(payload)
         elif kind == "merge-attempt":
-            required -= chunks_of([payload])   # its record may be on disk
+            required -= chunks_of(payload)   # its record may be on disk
         elif kind == "hdr-attempt":
             hdr_states.append(payload)
         elif kind == "hdr-ack":
@@ -461,7 +461,7 @@ def promised(m: Model, n: int):
     merged_acked = set()
     for pos, kind, payload in m.events:
         if pos <= n and kind == "merge-ack":
-            merged_acked |= chunks_of([payload])
+            merged_acked |= chunks_of(payload)
     return allowed, required, merged_acked, hdr_states[hdr_min:]
 
 

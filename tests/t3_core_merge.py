@@ -10,6 +10,7 @@ import trio
 from dmfs.control import SnapshotSpec
 from dmfs.errors import DmError
 from dmfs.snapshot_merge import wait_merge_done
+from kcopyd import CopyResult
 from dmfs.pool import Pool
 
 MiB = 1 << 20
@@ -38,17 +39,31 @@ async def scribble(vol, seed, count=20, size=SIZE, model=None):
             model[off:off + n] = d
 
 
+def on_merge_jobs(origin, job):
+    """Run `await job(nursery, src, dests, callback, **kwargs)` in place of
+    each merge job (a copy into the origin) the origin's kcopyd is given;
+    `real` (returned) schedules a job as kcopyd would."""
+    real = origin.kcopyd.copy_soon
+
+    def copy_soon(nursery, src, dests, callback, **k):
+        if any(d.fd == origin.fd for d in dests):
+            nursery.start_soon(lambda: job(nursery, src, dests, callback, **k))
+        else:
+            real(nursery, src, dests, callback, **k)
+
+    origin.kcopyd.copy_soon = copy_soon
+    return real
+
+
 def hold_kcopyd(origin):
     """Make merge jobs (copies into the origin) wait for the returned gate."""
     gate = trio.Event()
-    real = origin.kcopyd.copy
 
-    async def held(src, dests, **k):
-        if any(d.fd == origin.fd for d in dests):
-            await gate.wait()
-        return await real(src, dests, **k)
+    async def held(nursery, *args, **k):
+        await gate.wait()
+        real(nursery, *args, **k)
 
-    origin.kcopyd.copy = held
+    real = on_merge_jobs(origin, held)
     return gate
 
 
@@ -107,6 +122,56 @@ async def test_merge_keeps_other_snapshots_and_takes_origin_writes(pool):
     assert bytes(await keep1.read(0, SIZE)) == keep1_view
     assert bytes(await keep2.read(0, SIZE)) == keep2_view
     assert keep1.valid and keep2.valid
+
+
+async def test_a_scattered_snapshot_merges_many_runs_per_step(pool):
+    """Every other chunk differs: 512 runs of one chunk.  One step (one
+    origin flush, one store record) merges them all; writes to chunks
+    being merged wait for the step, the chunks between go straight on."""
+    cs = 4096
+    o = await pool.create_origin("vm", SIZE)
+    base = rbytes(1, SIZE)
+    await o.write(0, base)
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=cs))
+    for c in range(0, SIZE // cs, 2):
+        await o.write(c * cs, rbytes(100 + c, cs))
+    s2 = await pool.create_snapshot(o, SnapshotSpec("s2", chunk_size=cs))
+    s2_view = bytes(await s2.read(0, SIZE))
+    steps = []
+    real_commit = s.store.commit_merge
+
+    async def commit_merge(runs):
+        steps.append(len(runs))
+        await real_commit(runs)
+
+    s.store.commit_merge = commit_merge
+    gate = hold_kcopyd(o)
+    m = await pool.start_merge(s)
+    want = bytearray(base)
+    done = []
+
+    async def write(off, data):
+        await o.write(off, data)
+        want[off:off + len(data)] = data
+        done.append(off)
+
+    try:
+        with trio.fail_after(10):
+            while m.merging is None:      # the step holds its copies (hold_kcopyd)
+                await trio.sleep(0.01)
+        assert len(m.merging) == SIZE // cs // 2
+        async with trio.open_nursery() as n:
+            n.start_soon(write, 6 * cs, b"m" * cs)     # chunk 6 is being merged
+            n.start_soon(write, 7 * cs, b"x" * cs)     # chunk 7 has no exception
+            await trio.sleep(0.2)
+            assert done == [7 * cs]
+            gate.set()
+    finally:
+        gate.set()
+    await wait_merge_done(m, 30)
+    assert steps == [SIZE // cs // 2]
+    assert bytes(await o.read(0, SIZE)) == bytes(want)
+    assert bytes(await s2.read(0, SIZE)) == s2_view     # got its copies first
 
 
 async def test_merge_refusals(pool):
@@ -173,17 +238,10 @@ async def test_merge_failure_stops_and_retry_finishes(pool):
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
     view = bytes(await s.read(0, SIZE))
     await o.write(0, b"n" * SIZE)
-    real = o.kcopyd.copy
-    calls = []
+    async def failing(nursery, src, dests, callback, **k):
+        callback(CopyResult(None, {0: errno.EIO}))
 
-    async def failing(src, dests, **k):
-        calls.append(1)
-        if len(dests) == 1 and dests[0].fd == o.fd:  # merge jobs only
-            from kcopyd import CopyResult
-            return CopyResult(None, {0: errno.EIO})
-        return await real(src, dests, **k)
-
-    o.kcopyd.copy = failing
+    real = on_merge_jobs(o, failing)
     m = await pool.start_merge(s)
     with trio.fail_after(10):
         while m.state == "merging":
@@ -191,7 +249,7 @@ async def test_merge_failure_stops_and_retry_finishes(pool):
     assert m.describe().startswith("failed: write error")
     assert o.status() == "Merge failed"
     assert bytes(await o.read(0, SIZE)) == view  # nothing lost
-    o.kcopyd.copy = real
+    o.kcopyd.copy_soon = real
     await pool.set_merge(o, "start")
     await wait_merge_done(m, 30)
     assert bytes(await o.read(0, SIZE)) == view

@@ -12,6 +12,7 @@ longer variants (bigger volumes, more files, more fio).
 """
 
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -123,6 +124,54 @@ def test_ext4_snapshot_point_in_time(h):
 def test_ext4_two_snapshots_different_chunk_sizes(h):
     """Two snapshots (64K chunks, then 4K chunks) taken at different times, each its own point in time."""
     _ext4_scenario(h, ["s64k chunk_size=64K store=P", "s4k chunk_size=4K"], seed=2)
+
+
+def test_ext4_rollback_by_merge(h):
+    """Roll ext4 back to a snapshot with ``dmfs merge --wait`` after scattered
+    changes (many runs per merge step); a later snapshot keeps the changed
+    state; e2fsck + byte compare, then again after a remount."""
+    h.mount_dmfs()
+    vm = h.mnt / "vm.img"
+    h.run("truncate", "-s", EXT4_SIZE, vm)
+    dev = h.losetup(vm)
+    h.mkfs_ext4(dev)
+    where = h.mount_ext4(dev, h.tmp / "ext4-origin")
+    tree = u.Tree(where, seed=4)
+    tree.populate(EXT4_FILES)
+    os.sync()
+    h.freeze(where)
+    before = h.snapshot(vm, "before chunk_size=4K")
+    h.thaw(where)
+    at_snapshot = tree.expected()
+    tree.mutate(new_files=max(8, EXT4_FILES // 4))
+    os.sync()
+    h.freeze(where)
+    after = h.snapshot(vm, "after chunk_size=4K")
+    h.thaw(where)
+    changed = tree.expected()
+    assert changed != at_snapshot
+    h.umount(where)              # as with lvconvert --merge: nothing mounted on it
+    h.detach(dev)
+    runs = json.loads(h.getxattr(before, "user.dmfs.info"))["store_stats"]["runs"]
+    assert runs > 10, f"the changes left {runs} runs of exceptions, not scattered ones"
+
+    h.dmfs("merge", "--wait", str(before), timeout=max(60, h.remaining() - 30))
+    assert not before.exists()
+    assert h.getxattr(vm, "user.dmfs.merge") == "none"
+    dev = h.losetup(vm)
+    _check_origin(h, dev, where, at_snapshot)
+    h.umount(where)
+    h.detach(dev)
+    _check_snapshot(h, after, changed, "after")
+
+    h.remount_dmfs()
+    assert sorted(os.listdir(h.mnt)) == ["vm.img", after.name]
+    dev = h.losetup(vm)
+    _check_origin(h, dev, where, at_snapshot)
+    h.umount(where)
+    h.detach(dev)
+    _check_snapshot(h, after, changed, "after-remount")
+    h.umount_dmfs()
 
 
 # ---------------------------------------------------------------------- fio

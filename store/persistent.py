@@ -45,9 +45,9 @@ import logging
 import os
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from collections.abc import Sequence
 from typing import Callable
 
 import trio

@@ -66,18 +66,24 @@ def _check_origin(h: u.Harness, dev: str, where: Path, expected: dict) -> Path:
     return where
 
 
+def _ext4_origin(h: u.Harness) -> tuple[Path, str, Path]:
+    """Mount dmfs; a new origin vm.img with ext4 on it through a loop device,
+    mounted: (image, loop device, mount point)."""
+    h.mount_dmfs()
+    vm = h.mnt / "vm.img"
+    h.run("truncate", "-s", EXT4_SIZE, vm)
+    dev = h.losetup(vm)
+    h.mkfs_ext4(dev)
+    return vm, dev, h.mount_ext4(dev, h.tmp / "ext4-origin")
+
+
 def _ext4_scenario(h: u.Harness, snapshots: list[str], seed: int) -> None:
     """ext4 on an origin; before each snapshot in `snapshots` write/modify files and record them.
 
     Snapshot i must hold the files as they were when it was taken, the origin
     the files after the last round of changes; again after a remount.
     """
-    h.mount_dmfs()
-    vm = h.mnt / "vm.img"
-    h.run("truncate", "-s", EXT4_SIZE, vm)
-    dev = h.losetup(vm)
-    h.mkfs_ext4(dev)
-    where = h.mount_ext4(dev, h.tmp / "ext4-origin")
+    vm, dev, where = _ext4_origin(h)
 
     tree = u.Tree(where, seed)
     tree.populate(EXT4_FILES)
@@ -130,12 +136,7 @@ def test_ext4_rollback_by_merge(h):
     """Roll ext4 back to a snapshot with ``dmfs merge --wait`` after scattered
     changes (many runs per merge step); a later snapshot keeps the changed
     state; e2fsck + byte compare, then again after a remount."""
-    h.mount_dmfs()
-    vm = h.mnt / "vm.img"
-    h.run("truncate", "-s", EXT4_SIZE, vm)
-    dev = h.losetup(vm)
-    h.mkfs_ext4(dev)
-    where = h.mount_ext4(dev, h.tmp / "ext4-origin")
+    vm, dev, where = _ext4_origin(h)
     tree = u.Tree(where, seed=4)
     tree.populate(EXT4_FILES)
     os.sync()
@@ -158,19 +159,15 @@ def test_ext4_rollback_by_merge(h):
     h.dmfs("merge", "--wait", str(before), timeout=max(60, h.remaining() - 30))
     assert not before.exists()
     assert h.getxattr(vm, "user.dmfs.merge") == "none"
-    dev = h.losetup(vm)
-    _check_origin(h, dev, where, at_snapshot)
-    h.umount(where)
-    h.detach(dev)
-    _check_snapshot(h, after, changed, "after")
-
-    h.remount_dmfs()
-    assert sorted(os.listdir(h.mnt)) == ["vm.img", after.name]
-    dev = h.losetup(vm)
-    _check_origin(h, dev, where, at_snapshot)
-    h.umount(where)
-    h.detach(dev)
-    _check_snapshot(h, after, changed, "after-remount")
+    for remount in (False, True):          # then again from a fresh mount of the pool
+        if remount:
+            h.remount_dmfs()
+            assert sorted(os.listdir(h.mnt)) == ["vm.img", after.name]
+        dev = h.losetup(vm)
+        _check_origin(h, dev, where, at_snapshot)
+        h.umount(where)
+        h.detach(dev)
+        _check_snapshot(h, after, changed, "after-remount" if remount else "after")
     h.umount_dmfs()
 
 

@@ -60,7 +60,8 @@ def run(args) -> int:
               f"follow it with: getfattr -n user.dmfs.merge {origin}")
         return 0
     tty = sys.stdout.isatty()
-    last_print = 0.0
+    started, last_print = time.monotonic(), 0.0
+    merge_chunks = 0      # the merge's size, as last seen
     samples: list[tuple[float, int]] = []
     while True:
         try:
@@ -74,11 +75,13 @@ def run(args) -> int:
             raise QuietError(f"merge into {origin} failed: {reason}; "
                              f"retry with: setfattr -n user.dmfs.merge -v start {origin}")
         if state in ("none", "done"):
+            summary = (f"merge complete: {merge_chunks * chunk_size / (1 << 20):.1f} MiB in "
+                       f"{time.monotonic() - started:.1f} s" if merge_chunks else "merge complete")
             if tty:
                 print("\r" + progress_line(1, 1, chunk_size, 0, "done").split("  ")[0] + "  done" + " " * 20)
-            else:
-                print("merge complete")
+            print(summary)
             return 0
+        merge_chunks = max(merge_chunks, total)
         now = time.monotonic()
         samples = [(t, d) for t, d in samples if now - t < 10] + [(now, done)]
         t0, d0 = samples[0]

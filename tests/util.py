@@ -164,6 +164,9 @@ class Daemon:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:
                 pass
-            self.proc.wait(timeout=10)
+            # A killed thread still waits out a FUSE request that the server
+            # below (faultfs) already took, an fdatasync of a busy disk maybe:
+            # once, in a full CI run, the daemon took more than 10 s to go.
+            self.proc.wait(timeout=60)
         if mount_type(self.mnt) is not None:
             run("fusermount3", "-u", "-z", self.mnt, check=False)

@@ -262,20 +262,31 @@ async def test_transient_snapshot_is_gone_after_restart(pool):
         await p2.close()
 
 
+def hold_copies(o) -> trio.Event:
+    """Hold every COW copy of origin `o` until the returned event is set.
+
+    Wraps `copy_soon`, which the origin calls: small copies run batched in
+    kcopyd's own worker and never pass through `KcopydClient.copy`.
+    """
+    gate = trio.Event()
+    real = o.kcopyd.copy_soon
+
+    def held(nursery, *args, **kwargs):
+        async def after_gate():
+            await gate.wait()
+            real(nursery, *args, **kwargs)
+        nursery.start_soon(after_gate)
+
+    o.kcopyd.copy_soon = held
+    return gate
+
+
 async def test_suspend_drains_requests_in_flight(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
     o.writeback.max_bytes = 0  # the write stays in flight until its COW is done
-    # Hold a COW copy so an origin write stays in flight.
-    gate = trio.Event()
-    real_copy = o.kcopyd.copy
-
-    async def slow_copy(*a, **k):
-        await gate.wait()
-        return await real_copy(*a, **k)
-
-    o.kcopyd.copy = slow_copy
+    gate = hold_copies(o)      # ... which is held, so it stays in flight
     suspended = trio.Event()
 
     async def suspender():
@@ -325,14 +336,7 @@ async def test_writeback_acknowledges_before_cow_and_suspend_drains_it(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)
     s1 = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
-    gate = trio.Event()
-    real_copy = o.kcopyd.copy
-
-    async def slow_copy(*a, **k):
-        await gate.wait()
-        return await real_copy(*a, **k)
-
-    o.kcopyd.copy = slow_copy
+    gate = hold_copies(o)
     with trio.fail_after(5):
         await o.write(0, b"B" * 4096)          # acknowledged, COW still held
         await o.write(2048, b"C" * 4096)       # overlaps: queued behind it

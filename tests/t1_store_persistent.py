@@ -344,17 +344,35 @@ async def test_group_commit_batches_concurrent_callers(base):
     await s.close()
 
 
+class HeldSyncIO(FileIO):
+    """Once armed, fdatasync waits for `go`, and tells when it got there."""
+
+    def __init__(self):
+        self.armed = False
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def fdatasync(self, fd):
+        if self.armed:
+            self.reached.set()
+            self.go.wait(10)
+        os.fdatasync(fd)
+
+
 async def test_cancelled_waiter_withdraws_its_runs(base):
-    s = await make(base)
+    io = HeldSyncIO()
+    s = await PersistentStore.create(base, chunk_size=K4, cow_size=G1, io=io)
     r1 = ExceptionRun(1, s.prepare_exception().new)
     r2 = ExceptionRun(2, s.prepare_exception().new)
+    io.armed = True
     async with trio.open_nursery() as n:
-        n.start_soon(s.commit_exceptions, [r1])      # leads, in its thread
-        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(s.commit_exceptions, [r1])      # leads, held in its thread
+        while not io.reached.is_set():
+            await trio.sleep(0.005)
         with trio.CancelScope() as cs:
             cs.cancel()
             # joins the next batch, then is cancelled while waiting
             await s.commit_exceptions([r2])
+        io.go.set()
     s.abort_exception(r2)
     await s.close()
     s = await PersistentStore.open(base)
@@ -921,17 +939,17 @@ async def test_online_compaction_while_commits_and_merges_go_on(base, compact_on
 
 
 class GatedIO(FileIO):
-    """Holds `pread` of the whole log (the online compaction's read) or
-    `rename` for `hold` seconds once armed, and tells when it got there."""
+    """Once armed, holds `pread` of the whole log (the online compaction's
+    read) or `rename` until `go`, and tells when it got there."""
 
     def __init__(self, where):
-        self.where, self.armed, self.hold = where, False, 0.3
-        self.reached = threading.Event()
+        self.where, self.armed = where, False
+        self.reached, self.go = threading.Event(), threading.Event()
 
     def _gate(self, where):
         if self.armed and self.where == where:
             self.reached.set()
-            time.sleep(self.hold)
+            self.go.wait(10)
 
     def pread(self, fd, n, offset):
         if offset == 0 and n > fmt.HEADER_AREA:
@@ -954,8 +972,10 @@ async def test_close_during_online_compaction(base, compact_online, where, caplo
         before = open(base + ".log", "rb").read()
         while not io.reached.is_set():
             await trio.sleep(0.005)
-        await s.close()
-        assert s._compaction is None
+        bg.start_soon(s.close)     # while the compaction is held where asked
+        await trio.testing.wait_all_tasks_blocked()
+        io.go.set()
+    assert s._compaction is None
     after = open(base + ".log", "rb").read()
     if where == "read":
         # cancelled before it wrote anything: the old log, no leftover

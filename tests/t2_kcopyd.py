@@ -230,7 +230,10 @@ async def test_last_subjob_may_be_short(files):
 
 
 async def test_single_dest_falls_back_when_copy_file_range_unsupported(files, monkeypatch):
+    calls = []
+
     def exdev(*args):
+        calls.append(args)
         raise OSError(errno.EXDEV, "cross-device")
 
     monkeypatch.setattr(os, "copy_file_range", exdev)
@@ -239,6 +242,7 @@ async def test_single_dest_falls_back_when_copy_file_range_unsupported(files, mo
     dst = files("dst")
     result = await KcopydClient().copy(Region(src, 0, 128 * KiB), [Region(dst, 0, 128 * KiB)])
     assert result.ok
+    assert len(calls) == 1          # tried once, then the pread/pwrite fallback
     assert pread_all(dst, 0, 128 * KiB) == data + bytes(28 * KiB)
 
 

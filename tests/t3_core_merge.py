@@ -6,6 +6,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from dmfs.control import SnapshotSpec
 from dmfs.errors import DmError
@@ -163,7 +164,10 @@ async def test_a_scattered_snapshot_merges_many_runs_per_step(pool):
         async with trio.open_nursery() as n:
             n.start_soon(write, 6 * cs, b"m" * cs)     # chunk 6 is being merged
             n.start_soon(write, 7 * cs, b"x" * cs)     # chunk 7 has no exception
-            await trio.sleep(0.2)
+            with trio.fail_after(10):                  # (its copy into s2 runs)
+                while 7 * cs not in done:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
             assert done == [7 * cs]
             gate.set()
     finally:

@@ -131,11 +131,14 @@ async def test_origin_write_waits_for_tracked_snapshot_reads(pool):
 
     async with trio.open_nursery() as n:
         n.start_soon(write)
-        with trio.move_on_after(0.3):
-            await done.wait()
+        # The copy and its commit run in threads; once the exception is
+        # complete, new reads go to the COW copy ...
+        with trio.fail_after(5):
+            while s.complete.lookup(2) is None:
+                await trio.sleep(0.01)
+        # ... and the write goes no further while the old read is tracked.
+        await trio.testing.wait_all_tasks_blocked()
         assert not done.is_set(), "origin write overtook a tracked snapshot read"
-        # The exception is complete already, so new reads go to the COW copy.
-        assert s.complete.lookup(2) is not None
         s.tracked.remove(token)
         with trio.fail_after(5):
             await done.wait()

@@ -14,6 +14,8 @@ from dmfs.snapshot_merge import wait_merge_done
 from kcopyd import CopyResult
 from dmfs.pool import Pool
 
+from core_util import hold_kcopyd_jobs, on_kcopyd_jobs
+
 MiB = 1 << 20
 SIZE = 4 * MiB
 
@@ -40,34 +42,6 @@ async def scribble(vol, seed, count=20, size=SIZE, model=None):
             model[off:off + n] = d
 
 
-def on_merge_jobs(origin, job):
-    """Run `await job(nursery, src, dests, callback, **kwargs)` in place of
-    each merge job (a copy into the origin) the origin's kcopyd is given;
-    `real` (returned) schedules a job as kcopyd would."""
-    real = origin.kcopyd.copy_soon
-
-    def copy_soon(nursery, src, dests, callback, **k):
-        if any(d.fd == origin.fd for d in dests):
-            nursery.start_soon(lambda: job(nursery, src, dests, callback, **k))
-        else:
-            real(nursery, src, dests, callback, **k)
-
-    origin.kcopyd.copy_soon = copy_soon
-    return real
-
-
-def hold_kcopyd(origin):
-    """Make merge jobs (copies into the origin) wait for the returned gate."""
-    gate = trio.Event()
-
-    async def held(nursery, *args, **k):
-        await gate.wait()
-        real(nursery, *args, **k)
-
-    real = on_merge_jobs(origin, held)
-    return gate
-
-
 async def test_merge_rolls_back_at_once_and_in_the_background(pool):
     o = await pool.create_origin("vm", SIZE)
     base = bytearray(rbytes(1, SIZE))
@@ -77,7 +51,7 @@ async def test_merge_rolls_back_at_once_and_in_the_background(pool):
     await scribble(s, 2, model=snap_view)        # a snapshot that was written to
     await scribble(o, 3)                         # the origin moved on
     cow = s.store.cow_path
-    gate = hold_kcopyd(o)
+    gate = hold_kcopyd_jobs(o, into_origin=True)
     m = await pool.start_merge(s)
     # From the moment it returns: the origin reads as the snapshot did,
     # and the snapshot is no longer listed.
@@ -146,7 +120,7 @@ async def test_a_scattered_snapshot_merges_many_runs_per_step(pool):
         await real_commit(runs)
 
     s.store.commit_merge = commit_merge
-    gate = hold_kcopyd(o)
+    gate = hold_kcopyd_jobs(o, into_origin=True)
     m = await pool.start_merge(s)
     want = bytearray(base)
     done = []
@@ -158,7 +132,7 @@ async def test_a_scattered_snapshot_merges_many_runs_per_step(pool):
 
     try:
         with trio.fail_after(10):
-            while m.merging is None:      # the step holds its copies (hold_kcopyd)
+            while m.merging is None:      # the step holds its copies (hold_kcopyd_jobs)
                 await trio.sleep(0.01)
         assert len(m.merging) == SIZE // cs // 2
         async with trio.open_nursery() as n:
@@ -191,7 +165,7 @@ async def test_merge_refusals(pool):
     with pytest.raises(DmError) as e:
         await pool.start_merge(s2)
     assert e.value.errno == errno.EINVAL
-    gate = hold_kcopyd(o)
+    gate = hold_kcopyd_jobs(o, into_origin=True)
     await pool.start_merge(s1)
     with pytest.raises(DmError) as e:
         await pool.start_merge(t)
@@ -245,7 +219,7 @@ async def test_merge_failure_stops_and_retry_finishes(pool):
     async def failing(nursery, src, dests, callback, **k):
         callback(CopyResult(None, {0: errno.EIO}))
 
-    real = on_merge_jobs(o, failing)
+    real = on_kcopyd_jobs(o, failing, into_origin=True)
     m = await pool.start_merge(s)
     with trio.fail_after(10):
         while m.state == "merging":

@@ -14,6 +14,8 @@ from dmfs.control import SnapshotSpec
 from dmfs.errors import DmError
 from dmfs.pool import Pool
 
+from core_util import hold_kcopyd_jobs
+
 MiB = 1 << 20
 
 
@@ -265,31 +267,12 @@ async def test_transient_snapshot_is_gone_after_restart(pool):
         await p2.close()
 
 
-def hold_copies(o) -> trio.Event:
-    """Hold every COW copy of origin `o` until the returned event is set.
-
-    Wraps `copy_soon`, which the origin calls: small copies run batched in
-    kcopyd's own worker and never pass through `KcopydClient.copy`.
-    """
-    gate = trio.Event()
-    real = o.kcopyd.copy_soon
-
-    def held(nursery, *args, **kwargs):
-        async def after_gate():
-            await gate.wait()
-            real(nursery, *args, **kwargs)
-        nursery.start_soon(after_gate)
-
-    o.kcopyd.copy_soon = held
-    return gate
-
-
 async def test_suspend_drains_requests_in_flight(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
     o.writeback.max_bytes = 0  # the write stays in flight until its COW is done
-    gate = hold_copies(o)      # ... which is held, so it stays in flight
+    gate = hold_kcopyd_jobs(o, into_origin=False)  # ... held: it stays in flight
     suspended = trio.Event()
 
     async def suspender():
@@ -339,7 +322,7 @@ async def test_writeback_acknowledges_before_cow_and_suspend_drains_it(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)
     s1 = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
-    gate = hold_copies(o)
+    gate = hold_kcopyd_jobs(o, into_origin=False)
     with trio.fail_after(5):
         await o.write(0, b"B" * 4096)          # acknowledged, COW still held
         await o.write(2048, b"C" * 4096)       # overlaps: queued behind it

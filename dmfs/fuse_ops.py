@@ -343,7 +343,9 @@ class Operations(pyfuse3.Operations):
         end = min(off + size, vol.size)
         if off >= end:
             return b""
-        return await vol.read(off, end - off)
+        # No extra checkpoint: pyfuse3 parked this task in wait_readable
+        # right before the request (MappedDevice.submit).
+        return await vol.read(off, end - off, checkpoint=False)
 
     @_handler
     async def write(self, fh, off, buf):
@@ -359,7 +361,7 @@ class Operations(pyfuse3.Operations):
         if off + len(buf) > vol.size:
             # ... and a write that crosses the end with a short count.
             buf = memoryview(buf)[:vol.size - off]
-        return await vol.write(off, buf, fua=of.fua)
+        return await vol.write(off, buf, fua=of.fua, checkpoint=False)
 
     @_handler
     async def flush(self, fh):

@@ -218,17 +218,22 @@ class Volume:
     def readonly(self) -> bool:
         return False
 
-    async def read(self, offset: int, length: int) -> memoryview:
-        """Read up to `length` bytes (fewer at the end of the volume)."""
+    async def read(self, offset: int, length: int, *, checkpoint: bool = True) -> memoryview:
+        """Read up to `length` bytes (fewer at the end of the volume).
+
+        `checkpoint=False`: the caller has just yielded (`MappedDevice.submit`).
+        """
         if offset >= self.size or length <= 0:
             return memoryview(b"")
         length = min(length, self.size - offset)
         req = Request(Op.READ, offset, length)
-        await self.device.submit(req)
+        await self.device.submit(req, checkpoint=checkpoint)
         return req.buf
 
-    async def write(self, offset: int, data, fua: bool = False) -> int:
+    async def write(self, offset: int, data, fua: bool = False, *, checkpoint: bool = True) -> int:
         """Write `data` at `offset`; FUA makes it durable before returning.
+
+        `checkpoint=False`: the caller has just yielded (`MappedDevice.submit`).
 
         Raises:
           DmError(ENOSPC): the write goes past the end of the volume.
@@ -239,7 +244,7 @@ class Volume:
         if offset + length > self.size:
             raise DmError(errno.ENOSPC, f"write at {offset}+{length} past the end of {self.filename} ({self.size} bytes)")
         req = Request(Op.WRITE, offset, length, data, Flags.FUA if fua else Flags.NONE)
-        await self.device.submit(req)
+        await self.device.submit(req, checkpoint=checkpoint)
         self.mtime_ns = time.time_ns()
         return length
 

@@ -132,7 +132,7 @@ class WritebackCache:
         held, which may mean waiting for room.
         """
         n = len(data)
-        # No checkpoint of its own: MappedDevice.submit is one.
+        # No checkpoint of its own: the request path has one (MappedDevice.submit).
         while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
             await self._changed.wait()
         deps = self.overlapping(start, start + n)

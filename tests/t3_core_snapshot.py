@@ -299,6 +299,20 @@ async def test_suspend_drains_requests_in_flight(pool):
     assert bytes(await o.read(8192, 4096)) == b"C" * 4096
 
 
+async def test_a_request_checkpoints_unless_its_caller_just_did(pool):
+    # A page-cached request never blocks: without its checkpoint a loop of
+    # them would starve every other task.  The FUSE layer skips it, since
+    # pyfuse3 parked the task in wait_readable right before the request.
+    o = await pool.create_origin("vm", MiB)
+    with trio.testing.assert_checkpoints():
+        await o.write(0, b"x" * 4096)
+    with trio.testing.assert_checkpoints():
+        await o.read(0, 4096)
+    with trio.testing.assert_no_checkpoints():
+        await o.write(4096, b"y" * 4096, checkpoint=False)
+        assert bytes(await o.read(0, 8192, checkpoint=False)) == b"x" * 4096 + b"y" * 4096
+
+
 async def test_copy_error_invalidates_only_that_snapshot(pool):
     o = await pool.create_origin("vm", MiB)
     await o.write(0, b"A" * MiB)

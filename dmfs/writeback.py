@@ -132,7 +132,8 @@ class WritebackCache:
         held, which may mean waiting for room.
         """
         n = len(data)
-        # No checkpoint of its own: the request path has one (MappedDevice.submit).
+        # No checkpoint of its own: every request path has one (pyfuse3's
+        # wait_readable, or MappedDevice.submit's).
         while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
             await self._changed.wait()
         deps = self.overlapping(start, start + n)

@@ -52,12 +52,15 @@ def extend_runs(runs: array, more: array) -> None:
     runs.extend(more)
 
 
-def find_run(runs: array, old: int, new: int, count: int) -> tuple[int, int, array]:
+def find_run(runs: array, old: int, new: int, count: int,
+             last: int | None = None) -> tuple[int, int, array]:
     """Where chunks old..old+count-1, mapped to new.., are in the flat runs.
 
     They must be exactly mapped by consecutive runs that continue each
     other (one run once coalesced).  Merges take runs off the end, so the
-    search starts there.
+    search starts there, or at the triple at index `last` (where the
+    previous run of a merge step was found: a step lists them latest
+    first, and searching each from the end would be quadratic).
 
     Returns:
       (i, j, pieces): `runs[i:j] = pieces` takes the chunks out.
@@ -66,7 +69,7 @@ def find_run(runs: array, old: int, new: int, count: int) -> tuple[int, int, arr
       ValueError: the chunks are not mapped that way.
     """
     end = old + count
-    for i in range(len(runs) - 3, -1, -3):
+    for i in range(len(runs) - 3 if last is None else last, -1, -3):
         o, n, c = runs[i], runs[i + 1], runs[i + 2]
         if o <= old < o + c and n + (old - o) == new:
             j = i

@@ -889,9 +889,16 @@ class PersistentStore(ExceptionStore):
         await self._drain()
         runs = await self._load_merge_runs()
         async with self._log_lock:
-            # everything checked before anything is written
+            # everything checked before anything is written; a step lists
+            # its runs latest first, so each is searched from the last one
+            last = None
             for r in merged:
-                find_run(runs, r.old, r.new, r.count)
+                try:
+                    last, _, _ = find_run(runs, r.old, r.new, r.count, last)
+                except ValueError:
+                    if last is None:
+                        raise
+                    last, _, _ = find_run(runs, r.old, r.new, r.count)  # not in log order
             by_old = sorted(merged, key=lambda r: r.old)
             if any(a.old + a.count > b.old for a, b in zip(by_old, by_old[1:])):
                 raise ValueError(f"merged runs overlap: {by_old}")

@@ -749,6 +749,9 @@ async def test_one_merge_step_takes_several_runs(base):
     s = await PersistentStore.open(base)
     flat = lambda runs: [x for r in runs for x in (r.old, r.new, r.count)]     # noqa: E731
     assert chunks_of(s.exceptions()) == chunks_of(flat(committed)) - chunks_of(flat(step))
+    rest = await s.prepare_merge(100, max_runs=8)
+    await s.commit_merge(rest[::-1])                     # any order, not only the step's own
+    assert await s.prepare_merge(100, max_runs=8) == []
     await s.close()
 
 

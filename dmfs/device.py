@@ -46,7 +46,13 @@ def _clone_io(clones: list[Request]) -> list[int | None]:
     for c in clones:
         try:
             if c.op is Op.READ:
-                if c.dest_fd is None:
+                if c.buf is None:
+                    # The request's data comes from its clones (Request).
+                    data = os.pread(c.dest_fd, c.length, c.dest_offset) if c.dest_fd is not None else b""
+                    if len(data) < c.length:  # zeroes: unmapped, or past the end of a sparse file
+                        data += bytes(c.length - len(data))
+                    c.buf = memoryview(data)
+                elif c.dest_fd is None:
                     c.buf[:] = bytes(c.length)
                 else:
                     n = os.preadv(c.dest_fd, [c.buf], c.dest_offset)

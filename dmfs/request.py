@@ -10,6 +10,12 @@ clones only borrow slices of it and must all be complete before the
 parent completes, so nobody can free or reuse the buffer while a clone
 still points into it.
 
+A READ made without a buffer has none until it completes: each clone
+reads into fresh bytes (`os.pread`, which fills them without zeroing them
+first), and the parent's `buf` becomes its one clone's bytes, or the clones'
+bytes joined.  A 1 MiB `bytearray` costs a memset of its own, about as
+much as the read.
+
 Completion is ordered and first-error-wins: `done_bytes` is the length of
 the prefix of the request that completed without error (what a short
 read/write may report), and `error` is the first errno any clone reported.
@@ -51,7 +57,8 @@ class Request:
     Attributes:
       op: READ, WRITE or FLUSH.
       offset, length: byte range on the mapped device.
-      buf: memoryview of `length` bytes (data to write, or room to read into).
+      buf: memoryview of `length` bytes: data to write, room to read into,
+        or None for a READ whose data its clones bring (see the module).
       flags: `Flags`.
       dest_fd, dest_offset: where a target remapped this (clone) to.
       target_ctx: private per-request data of the target (dm's per-bio data).
@@ -68,8 +75,6 @@ class Request:
                  flags: int = Flags.NONE, *, parent: Request | None = None):
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
-        if buf is None and op is Op.READ:
-            buf = bytearray(length)
         if buf is not None:
             buf = memoryview(buf)
             if len(buf) != length:
@@ -164,6 +169,10 @@ class Request:
 
     def _finish(self) -> None:
         self._completed = True
+        if self.buf is None and self._clones and self.error is None and self.op is Op.READ:
+            pieces = [c.buf for c in self._clones]
+            if None not in pieces:
+                self.buf = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
         if self._done is not None:
             self._done.set()
         p = self.parent

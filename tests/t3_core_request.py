@@ -1,10 +1,12 @@
-"""Request cloning, splitting and completion (no I/O, no FUSE)."""
+"""Request cloning, splitting and completion (no FUSE; files only for a read's clones)."""
 
 import errno
+import os
 
 import pytest
 import trio
 
+from dmfs.device import _clone_io
 from dmfs.request import Op, Request
 
 
@@ -71,3 +73,47 @@ async def test_wait_wakes_on_completion():
         a.complete()
         b.complete()
     assert req.completed
+
+
+def _do_io(clones):
+    for c, err in zip(clones, _clone_io(clones)):
+        c.complete(err)
+
+
+def test_a_read_without_a_buffer_gets_its_clones_bytes(tmp_path):
+    path = tmp_path / "backing"
+    path.write_bytes(b"a" * 4096 + b"b" * 6144)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        req = Request(Op.READ, 0, 12288)
+        assert req.buf is None  # nothing zero-filled before the read
+        a, b, c = req.split(4096)
+        a.remap(fd, 4096)
+        b.remap(None, 0)   # unmapped: zeroes
+        c.remap(fd, 8192)  # 2048 bytes, then the end of the file: zeroes
+        _do_io([a, b, c])
+        assert req.completed and req.error is None
+        assert bytes(req.buf) == b"b" * 4096 + bytes(4096) + b"b" * 2048 + bytes(2048)
+
+        # One clone: its bytes are the request's, not a copy.
+        one = Request(Op.READ, 0, 4096)
+        (x,) = one.split(4096)
+        x.remap(fd, 0)
+        _do_io([x])
+        assert bytes(one.buf) == b"a" * 4096 and one.buf.obj is x.buf.obj
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_read_has_no_buffer(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY)  # a directory: pread fails with EISDIR
+    try:
+        req = Request(Op.READ, 0, 8192)
+        a, b = req.split(4096)
+        a.remap(None, 0)
+        b.remap(fd, 0)
+        _do_io([a, b])
+        assert req.error == errno.EISDIR and req.done_bytes == 4096
+        assert req.buf is None
+    finally:
+        os.close(fd)

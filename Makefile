@@ -79,7 +79,9 @@ stop:
 	  echo "$(MNT) is not mounted"; \
 	fi
 
+# The layer contracts in pyproject.toml first: an import that points up fails the run.
 test: deps
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: deps

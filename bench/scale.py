@@ -167,8 +167,8 @@ async def load(path: str) -> dict:
         grown = rss() - before
         snap = pool.lookup(SNAPSHOT)
         stats = snap.store.stats()
-        out = {"seconds": seconds, "rss": grown, "exceptions": len(snap.complete),
-               "table_entries": snap.complete.entries(), "runs": stats["runs"],
+        out = {"seconds": seconds, "rss": grown, "exceptions": len(snap.exceptions),
+               "table_entries": snap.exceptions.entries(), "runs": stats["runs"],
                "log_records": stats["log_records"], "compact_seconds": stats["compact_seconds"],
                "valid": snap.valid}
         await pool.close()

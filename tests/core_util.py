@@ -40,3 +40,13 @@ def hold_kcopyd_jobs(origin, *, into_origin: bool) -> trio.Event:
 
     real = on_kcopyd_jobs(origin, held, into_origin=into_origin)
     return gate
+
+
+async def wait_merge_done(merge, timeout: float | None = None) -> None:
+    """Wait until `merge`'s loop has stopped; fail if the merge failed."""
+    from dmfs.dm import MergeState
+
+    with trio.fail_after(timeout) if timeout else trio.CancelScope():
+        while merge.state is MergeState.MERGING or merge._running is not None:
+            await trio.sleep(0.01)
+    assert merge.state is not MergeState.FAILED, merge.describe()

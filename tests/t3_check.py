@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from dmfs.cli import main as dmfs_main
-from dmfs.control import SnapshotSpec
+from dmfs.pool import SnapshotSpec
 from dmfs.errors import DmError
 from dmfs.pool import Pool
 from store import PersistentStore

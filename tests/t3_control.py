@@ -1,13 +1,15 @@
-"""dmfs.control without a pool: sizes, snapshot specs, names, dispatch errors."""
+"""dmfs.fuse.control without a pool: sizes, snapshot specs, names, dispatch errors."""
 
 import errno
 import json
 
 import pytest
 
-from dmfs import control
-from dmfs.control import SnapshotSpec, parse_size, parse_snapshot_spec
+from dmfs.dm import OriginTunables
 from dmfs.errors import DmError
+from dmfs.fuse import control
+from dmfs.fuse.control import parse_size, parse_snapshot_spec
+from dmfs.pool import SnapshotSpec, names
 
 
 def _errno(fn, *args):
@@ -96,11 +98,26 @@ def test_spec_rejects(value, match):
 
 
 def test_name_re():
-    assert control.NAME_RE.fullmatch("vm-1.raw_x")
-    assert not control.NAME_RE.fullmatch("vm@s1")
-    assert not control.NAME_RE.fullmatch("")
-    assert control.valid_name("a" * control.NAME_MAX)
-    assert not control.valid_name("a" * (control.NAME_MAX + 1))
+    assert names.NAME_RE.fullmatch("vm-1.raw_x")
+    assert not names.NAME_RE.fullmatch("vm@s1")
+    assert not names.NAME_RE.fullmatch("")
+    assert names.valid_name("a" * names.NAME_MAX)
+    assert not names.valid_name("a" * (names.NAME_MAX + 1))
+
+
+@pytest.mark.parametrize("name, match", [
+    (".hidden", "may not start with '.'"),
+    ("..", "may not start with '.'"),
+    ("-x", "may not start with '-'"),
+    ("a/b", "may only contain"),
+])
+def test_names_follow_one_rule(name, match):
+    with pytest.raises(DmError, match=match) as ei:
+        names.check_name(name, "snapshot name")
+    assert ei.value.errno == errno.EINVAL
+    with pytest.raises(DmError, match=match):
+        parse_snapshot_spec(name)
+    assert names.STORE_FILE_RE.fullmatch(f"vm@{name}.cow") is None
 
 
 # -- dispatch against stand-in volumes ---------------------------------------------
@@ -111,7 +128,7 @@ class FakeOrigin:
     name = "vm"
 
     def __init__(self):
-        self.attrs = {"copy_throttle": "100", "cow_threshold": "2048"}
+        self.tunables = OriginTunables()
 
     def status(self):
         return ""
@@ -122,11 +139,8 @@ class FakeOrigin:
     def info(self):
         return {"name": "vm", "size": 4096}
 
-    def get_attr(self, name):
-        return self.attrs[name]
-
-    async def set_attr(self, name, value):
-        self.attrs[name] = value
+    async def set_tunables(self, tunables):
+        self.tunables = tunables
 
     def merge_state(self):
         return "none"
@@ -207,7 +221,7 @@ async def test_set_tunables(fakes):
     pool, o, s = fakes
     await control.set_xattr(pool, o, b"user.dmfs.copy_throttle", b"50")
     await control.set_xattr(pool, o, b"user.dmfs.cow_threshold", b"16\n")
-    assert o.attrs == {"copy_throttle": "50", "cow_threshold": "16"}
+    assert o.tunables == OriginTunables(copy_throttle=50, cow_threshold=16)
     await control.set_xattr(pool, s, b"user.dmfs.cow_size", b"1G")
     assert pool.calls == [("set_cow_size", s, 1 << 30)]
 
@@ -240,7 +254,7 @@ async def test_set_errors_change_nothing(fakes, target, name, value, err):
     vol = o if target == "o" else s
     assert await _set_errno(pool, vol, name, value) == err
     assert pool.calls == []
-    assert o.attrs == {"copy_throttle": "100", "cow_threshold": "2048"}
+    assert o.tunables == OriginTunables()
 
 
 async def test_read_only_message(fakes):
@@ -273,6 +287,6 @@ async def test_root_xattrs(fakes):
 def test_control_does_not_import_pyfuse3():
     import subprocess
     import sys
-    code = "import sys, dmfs.control; assert 'pyfuse3' not in sys.modules; import dmfs; print('ok')"
+    code = "import sys, dmfs.fuse.control; assert 'pyfuse3' not in sys.modules; import dmfs; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr

@@ -5,7 +5,7 @@ from array import array
 
 import pytest
 
-from dmfs.exception_table import BUCKET_CHUNKS, ExceptionTable
+from dmfs.dm.exception_table import BUCKET_CHUNKS, ExceptionTable
 
 
 def test_consecutive_exceptions_collapse_into_one_run():

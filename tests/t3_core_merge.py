@@ -8,13 +8,12 @@ import pytest
 import trio
 import trio.testing
 
-from dmfs.control import SnapshotSpec
+from dmfs.dm import MergeState
 from dmfs.errors import DmError
-from dmfs.snapshot_merge import wait_merge_done
+from dmfs.pool import Pool, SnapshotSpec
 from kcopyd import CopyResult
-from dmfs.pool import Pool
 
-from core_util import hold_kcopyd_jobs, on_kcopyd_jobs
+from core_util import hold_kcopyd_jobs, on_kcopyd_jobs, wait_merge_done
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -132,9 +131,9 @@ async def test_a_scattered_snapshot_merges_many_runs_per_step(pool):
 
     try:
         with trio.fail_after(10):
-            while m.merging is None:      # the step holds its copies (hold_kcopyd_jobs)
+            while m.step_runs is None:      # the step holds its copies (hold_kcopyd_jobs)
                 await trio.sleep(0.01)
-        assert len(m.merging) == SIZE // cs // 2
+        assert len(m.step_runs) == SIZE // cs // 2
         async with trio.open_nursery() as n:
             n.start_soon(write, 6 * cs, b"m" * cs)     # chunk 6 is being merged
             n.start_soon(write, 7 * cs, b"x" * cs)     # chunk 7 has no exception
@@ -222,7 +221,7 @@ async def test_merge_failure_stops_and_retry_finishes(pool):
     real = on_kcopyd_jobs(o, failing, into_origin=True)
     m = await pool.start_merge(s)
     with trio.fail_after(10):
-        while m.state == "merging":
+        while m.state is MergeState.MERGING:
             await trio.sleep(0.01)
     assert m.describe().startswith("failed: write error")
     assert o.status() == "Merge failed"

@@ -6,8 +6,8 @@ import os
 import pytest
 import trio
 
-from dmfs.device import _clone_io
-from dmfs.request import Op, Request
+from dmfs.dm.device import _clone_io
+from dmfs.dm.request import Op, Request
 
 
 def test_split_at_chunk_boundaries_shares_the_buffer():

@@ -10,7 +10,7 @@ import random
 import pytest
 import trio
 
-from dmfs.control import SnapshotSpec
+from dmfs.pool import SnapshotSpec
 from dmfs.errors import DmError
 from dmfs.pool import Pool
 
@@ -42,8 +42,8 @@ async def test_snapshot_keeps_point_in_time_and_origin_takes_new_data(pool):
     expect[512 * 1024 + 100:512 * 1024 + 100 + MiB] = new
     assert bytes(await o.read(0, 4 * MiB)) == bytes(expect)
     # Only the chunks touched were copied: 257 chunks (offset not aligned).
-    assert len(s.complete) == 257
-    assert s.complete.entries() <= 2
+    assert len(s.exceptions) == 257
+    assert s.exceptions.entries() <= 2
 
 
 async def test_status_and_table_strings(pool):
@@ -112,7 +112,7 @@ async def test_concurrent_origin_writes_to_one_chunk_make_one_exception(pool):
         for i in range(20):
             n.start_soon(o.write, i * 512, bytes([66 + i]) * 512)
     await o.flush()
-    assert len(s.complete) == 1
+    assert len(s.exceptions) == 1
     assert s.store.usage()[0] == 3 * 128  # header, area, one data chunk (in sectors)
     assert bytes(await s.read(0, 65536)) == b"A" * 65536
 
@@ -136,7 +136,7 @@ async def test_origin_write_waits_for_tracked_snapshot_reads(pool):
         # The copy and its commit run in threads; once the exception is
         # complete, new reads go to the COW copy ...
         with trio.fail_after(5):
-            while s.complete.lookup(2) is None:
+            while s.exceptions.lookup(2) is None:
                 await trio.sleep(0.01)
         # ... and the write goes no further while the old read is tracked.
         await trio.testing.wait_all_tasks_blocked()
@@ -244,10 +244,10 @@ async def test_grow_origin_snapshot_keeps_size(pool):
     assert o.size == 2 * MiB and s.size == MiB
     await o.write(MiB, b"B" * MiB)  # beyond the snapshot: no COW
     await o.flush()
-    assert len(s.complete) == 0
+    assert len(s.exceptions) == 0
     await o.write(MiB - 4096, b"C" * 8192)
     await o.flush()
-    assert len(s.complete) == 1
+    assert len(s.exceptions) == 1
     assert bytes(await s.read(0, 2 * MiB)) == b"A" * MiB
 
 
@@ -367,11 +367,11 @@ async def test_writeback_acknowledges_before_cow_and_suspend_drains_it(pool):
 
 async def test_pending_table_is_one_entry_per_run(pool):
     # A 1 MiB COW copy of 4 KiB chunks is one pending entry, not 256.
-    from dmfs.snapshot import _pending_pieces, _PendingTable
+    from dmfs.dm.pending import PendingTable, pending_pieces
 
     o = await pool.create_origin("vm", 4 * MiB)
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
-    t = _PendingTable()
+    t = PendingTable()
     a = s.new_pending(0, 1)[0]   # through the snapshot: also in s.pending
     t.add(a)
     b, c = (type(a)(s, old, 1000 + old, n) for old, n in ((10, 256), (300, 4)))
@@ -380,7 +380,7 @@ async def test_pending_table_is_one_entry_per_run(pool):
     assert len(t) == 261 and t.values() == [a, b, c]
     assert t.get(9) is None and t.get(10) is b and t.get(265) is b and t.get(266) is None
     assert t.next_start(0) == 10 and t.next_start(10) == 300 and t.next_start(300) is None
-    assert list(_pending_pieces(t, 5, 302)) == [(5, 10, None), (10, 266, b), (266, 300, None), (300, 302, c)]
+    assert list(pending_pieces(t, 5, 302)) == [(5, 10, None), (10, 266, b), (266, 300, None), (300, 302, c)]
     t.discard(b)
     t.discard(b)   # twice is harmless
     assert len(t) == 5 and t.get(100) is None

@@ -15,8 +15,8 @@ import pyfuse3
 import pytest
 from pyfuse3 import FUSEError
 
-from dmfs import fuse_ops
-from dmfs.fuse_ops import ROOT_INODE, Operations
+from dmfs.fuse import operations as fuse_ops
+from dmfs.fuse.operations import ROOT_INODE, Operations
 from dmfs.pool import Pool
 
 MiB = 1 << 20
@@ -350,7 +350,7 @@ async def test_unexpected_exception_becomes_eio(ops, monkeypatch, caplog):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(ops.pool, "create_snapshot", boom)
-    with caplog.at_level(logging.ERROR, logger="dmfs.fuse_ops"):
+    with caplog.at_level(logging.ERROR, logger="dmfs.fuse.operations"):
         assert await fuse_errno(ops.setxattr(a.st_ino, b"user.dmfs.snapshot", b"s1", CTX)) == errno.EIO
     assert "unexpected error in setxattr vm.img" in caplog.text
     assert "RuntimeError: boom" in caplog.text

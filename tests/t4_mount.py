@@ -396,7 +396,7 @@ def test_max_background_raised(mounted):
 
 
 def test_sd_notify_abstract_socket(monkeypatch):
-    from dmfs.mount import sd_notify
+    from dmfs.cli.mount import sd_notify
 
     name = f"dmfs-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:

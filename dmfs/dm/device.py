@@ -8,7 +8,8 @@ seeing half of the change.
 
 The I/O of a mapped request happens here, not in the target: all clones
 of one request are read or written in a single thread hop (a hop costs
-~60 µs here, DESIGN §4), small requests inline.
+~60 µs on the machines this was measured on, a 4 KiB pread of a cached
+page ~2 µs), small requests inline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import os
 
 import trio
 
-from .errors import DmError
+from dmio import pwrite_all
+
+from ..errors import DmError
 from .request import Flags, Op, Request
 from .target import Target
 
@@ -59,9 +62,7 @@ def _clone_io(clones: list[Request]) -> list[int | None]:
                     if n < c.length:  # past the end of a sparse file: zeroes
                         c.buf[n:] = bytes(c.length - n)
             else:
-                done = 0
-                while done < c.length:
-                    done += os.pwrite(c.dest_fd, c.buf[done:], c.dest_offset + done)
+                pwrite_all(c.dest_fd, c.buf, c.dest_offset)
             out.append(None)
         except OSError as e:
             log.warning("%s of %d bytes at %d failed: %s", c.op.value, c.length, c.dest_offset, e)
@@ -158,11 +159,10 @@ class MappedDevice:
         self.in_flight += 1
         try:
             table = self._table
-            if req.op is Op.FLUSH or req.flags & Flags.PREFLUSH:
+            if req.op is Op.FLUSH:
                 await table.flush()
-                if req.op is Op.FLUSH:
-                    req.complete()
-                    return req
+                req.complete()
+                return req
             clones = await table.map(req)
             if clones:
                 errs = await run_io(_clone_io, clones, size=req.length)

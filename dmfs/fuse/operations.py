@@ -1,7 +1,7 @@
 """The FUSE layer: `Operations` translates FUSE requests into pool calls.
 
 Like s3ql's `fs.py` it only translates: inode numbers <-> volumes,
-(fh, offset, size) <-> `Volume.read/write`, xattrs <-> `dmfs.control`,
+(fh, offset, size) <-> `Volume.read/write`, xattrs <-> `dmfs.fuse.control`,
 and `DmError` <-> `FUSEError`.  It does no chunk math and keeps no state
 but the inode table and the open file handles.
 
@@ -13,7 +13,8 @@ is never handed out again, so a stale kernel inode can never alias a new
 volume of the same name.
 
 pyfuse3 tears the whole daemon down when a handler raises anything but
-`FUSEError` (reference B7), so every handler goes through `_handler`.
+`FUSEError` (its request loop re-raises anything else out of `pyfuse3.main`),
+so every handler goes through `_handler`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import control
-from .errors import DmError
+from ..errors import DmError
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +412,7 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    # -- xattrs: the control interface (dmfs.control) ----------------------
+    # -- xattrs: the control interface (control.py) ----------------------
 
     @_handler
     async def getxattr(self, inode, name, ctx):

@@ -1,8 +1,9 @@
 """The `dmfs` command: argument parsing and error reporting.
 
-Each subcommand lives in its own module (`dmfs.mount`, `dmfs.umount`,
-`dmfs.create`, `dmfs.status`) with a `run(args) -> int`; it is imported
-only when used, so `dmfs status` does not pay for pyfuse3 and trio.
+Each subcommand lives in its own module of this package (`mount`,
+`umount`, `create`, `status`, `merge`, `check`) with a `run(args) -> int`;
+it is imported only when used, so `dmfs status` does not pay for pyfuse3
+and trio.
 
 Errors end as one line ``dmfs: <reason>`` on stderr and exit code 1;
 tracebacks only with ``--debug``.  Ctrl-C exits 130 without a word.
@@ -16,23 +17,11 @@ import logging
 import sys
 import traceback
 
-from . import __version__
-from .errors import DmError
+from .. import __version__
+from ..errors import DmError
+from .common import QuietError, describe_error, leaf_exception
 
 log = logging.getLogger(__name__)
-
-
-class QuietError(Exception):
-    """A user-facing failure: printed as one line, no traceback.
-
-    Args:
-      msg: the reason, without the ``dmfs:`` prefix.
-      exitcode: the process exit code (default 1).
-    """
-
-    def __init__(self, msg: str, exitcode: int = 1):
-        super().__init__(msg)
-        self.exitcode = exitcode
 
 
 COMMANDS = ("mount", "umount", "create", "status", "merge", "check")
@@ -92,25 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def leaf_exception(exc: BaseException) -> BaseException:
-    """The single exception inside (nested) exception groups, if only one."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a user, from an exception of a subcommand."""
-    exc = leaf_exception(exc)
-    if isinstance(exc, (QuietError, DmError)):
-        return str(exc)
-    if isinstance(exc, OSError):
-        if exc.filename is not None:
-            return f"{exc.filename}: {exc.strerror or exc}"
-        return exc.strerror or str(exc)
-    return f"unexpected error: {type(exc).__name__}: {exc}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dmfs` command; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -121,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, format="dmfs: %(levelname)s: %(message)s",
                         level=logging.DEBUG if args.debug else logging.WARNING)
     try:
-        module = importlib.import_module(f"dmfs.{args.command}")
+        module = importlib.import_module(f"dmfs.cli.{args.command}")
         return module.run(args) or 0
     except KeyboardInterrupt:
         return 130

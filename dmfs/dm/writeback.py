@@ -9,7 +9,7 @@ no origin chunk is overwritten before its old contents and the exception
 are durable in every active snapshot's store — because the entry is only
 applied after its pending exceptions complete.
 
-What it changes for a crash (README "What a crash can and cannot lose"):
+What it changes for a crash (README, "What a crash can and cannot lose"):
 writes acknowledged but not yet flushed may be lost, exactly as with a
 disk cache; fsync/FUA waits until they are applied and synced, so nothing
 fsynced is ever lost, and every snapshot stays intact.
@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
+from dmio import pwrite_all
+
 from .device import run_io
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .snapshot import Origin
+    from .pending import PendingException
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +57,12 @@ class _Entry:
         self.applied = trio.Event()
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 def _apply_all(fd: int, entries: list[_Entry]) -> list[OSError | None]:
     """Write entries to the origin in order; one error (or None) per entry."""
     out: list[OSError | None] = []
     for e in entries:
         try:
-            _pwrite_all(fd, e.data, e.start)
+            pwrite_all(fd, e.data, e.start)
             out.append(None)
         except OSError as err:
             out.append(err)
@@ -88,9 +83,25 @@ class WritebackCache:
         flush (reported by the next flush, like a disk's deferred error).
     """
 
-    def __init__(self, origin: Origin, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_entries: int = DEFAULT_MAX_ENTRIES):
-        self.origin = origin
+    def __init__(self, name: str, fd: int, nursery: trio.Nursery, *,
+                 recheck: Callable[[int, int], list[PendingException]],
+                 before_apply: Callable[[], Awaitable[None]],
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES):
+        """
+        Args:
+          name: the origin's file name, for log lines.
+          fd: the origin's backing file.
+          nursery: where the applier task runs.
+          recheck: `Origin.start_cow`: the pending exceptions a write to
+            [start, end) must still wait for, once one of its copies failed.
+          before_apply: `Origin.wait_invalidations`: every invalidation is
+            durable before a held write reaches the origin.
+        """
+        self.name = name
+        self.fd = fd
+        self.nursery = nursery
+        self._recheck = recheck
+        self._before_apply = before_apply
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.nbytes = 0
@@ -101,8 +112,6 @@ class WritebackCache:
         self._changed = trio.Event()
         self._kick = trio.Event()
         self._applying = False
-        # Counters for status and benchmarks.
-        self.writes_cached = 0
 
     @property
     def enabled(self) -> bool:
@@ -143,10 +152,9 @@ class WritebackCache:
         self._queue.append(e)
         self.nbytes += n
         self.entries += 1
-        self.writes_cached += 1
         if not self._applying:
             self._applying = True
-            self.origin.nursery.start_soon(self._applier)
+            self.nursery.start_soon(self._applier)
 
     def kick(self) -> None:
         """Pending exceptions completed: the applier looks again."""
@@ -158,7 +166,6 @@ class WritebackCache:
         An entry is ready when its copy-outs are done and its deps are
         applied or ready before it (they are written first, in order).
         """
-        o = self.origin
         ready: list[_Entry] = []
         taken: set[int] = set()
         for e in self._queue:
@@ -172,7 +179,7 @@ class WritebackCache:
                 # is nothing to look for: snapshots only come while the
                 # cache is drained, and their exceptions only go in a merge,
                 # which start_cow leaves alone.
-                e.waits = o.start_cow(e.start, e.end)
+                e.waits = self._recheck(e.start, e.end)
                 if e.waits:
                     continue
             ready.append(e)
@@ -180,7 +187,6 @@ class WritebackCache:
         return ready
 
     async def _applier(self) -> None:
-        o = self.origin
         try:
             while self._queue:
                 ready = self._ready()
@@ -189,16 +195,16 @@ class WritebackCache:
                     self._kick = trio.Event()
                     continue
                 try:
-                    await o.wait_invalidations()
+                    await self._before_apply()
                     size = sum(e.end - e.start for e in ready)
-                    errors = await run_io(_apply_all, o.fd, ready, size=size)
+                    errors = await run_io(_apply_all, self.fd, ready, size=size)
                 except Exception:  # a bug must not hang the writers behind these
-                    log.exception("%s: applying %d cached writes failed", o.filename, len(ready))
+                    log.exception("%s: applying %d cached writes failed", self.name, len(ready))
                     errors = [OSError(errno.EIO, "internal error")] * len(ready)
                 for e, err in zip(ready, errors):
                     if err is not None:
                         log.error("%s: cached write of %d bytes at %d failed: %s",
-                                  o.filename, e.end - e.start, e.start, err)
+                                  self.name, e.end - e.start, e.start, err)
                         if self.error is None:
                             self.error = err.errno or errno.EIO
                     self._release(e)

@@ -26,7 +26,7 @@ plain snapshot-origin table back.
 from __future__ import annotations
 
 import bisect
-import errno
+import enum
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -35,13 +35,15 @@ import trio
 
 from kcopyd import CopyResult, Region
 
-from .errors import DmError
+from ..errors import DmError
+from .events import MergeFinished
+from .pending import TrackedChunks
 from .request import Op, Request
-from .snapshot import Origin, Snapshot, _TrackedChunks
 from .target import Target
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pool import Pool
+    from .origin import Origin
+    from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +57,56 @@ MERGE_JOB_BYTES = 4 << 20
 MERGE_STEP_RUNS = 1024
 
 
+class MergeState(enum.Enum):
+    """Where a merge is; the value is how user.dmfs.merge spells it."""
+    MERGING = "merging"
+    PAUSED = "paused"
+    FAILED = "failed"
+    DONE = "done"
+
+
 class Merge:
     """The state of one running (or paused, or failed) merge.
 
     Invariants:
-      * `merging` is the (old, count) runs being copied, sorted and
-        disjoint, or None; writes to them wait on `_progress`;
-      * `done` + chunks left in `snap.complete` == `total`;
-      * at most one `run()` loop is active (`_running`).
+      * `step_runs` is the (old, count) runs the current step copies,
+        sorted and disjoint, or None; writes to them wait on `_progress`;
+      * `done` + chunks left in `snap.exceptions` == `total`;
+      * at most one `run()` loop is active (`_running`);
+      * when the last step is committed the state is DONE and the origin
+        raises `MergeFinished`, once.
     """
 
-    def __init__(self, pool: Pool, origin: Origin, snap: Snapshot, total: int):
-        self.pool = pool
+    def __init__(self, origin: Origin, snap: Snapshot, total: int):
         self.origin = origin
         self.snap = snap
         self.total = total
-        self.state = "merging"          # merging | paused | failed | done
+        self.state = MergeState.MERGING
         self.reason = ""
-        self.merging: list[tuple[int, int]] | None = None
-        self.tracked_writes = _TrackedChunks()
+        self.step_runs: list[tuple[int, int]] | None = None
+        self.tracked_writes = TrackedChunks()
         self._progress = trio.Event()
         self._running: trio.Event | None = None  # set when the loop exits
         self._stop = False
-        self.started = trio.current_time()
-        self.bytes_merged = 0
 
     @property
     def done(self) -> int:
-        return self.total - len(self.snap.complete)
+        return self.total - len(self.snap.exceptions)
 
     def describe(self) -> str:
         """The value of user.dmfs.merge on the origin."""
-        if self.state == "failed":
+        if self.state is MergeState.FAILED:
             return f"failed: {self.reason}"
-        return f"{self.state} {self.done}/{self.total}"
+        return f"{self.state.value} {self.done}/{self.total}"
 
     # -- control ---------------------------------------------------------------
 
     def start(self) -> None:
         """Start (or resume) the background loop."""
-        if self.state in ("failed", "paused"):
-            self.state = "merging"
+        if self.state in (MergeState.FAILED, MergeState.PAUSED):
+            self.state = MergeState.MERGING
             self.reason = ""
-        if self._running is not None or self.state != "merging":
+        if self._running is not None or self.state is not MergeState.MERGING:
             return
         self._stop = False
         self._running = trio.Event()
@@ -105,8 +114,8 @@ class Merge:
 
     async def stop(self, pause: bool = False) -> None:
         """Stop the loop after the run in progress (dm's stop_merge)."""
-        if pause and self.state == "merging":
-            self.state = "paused"
+        if pause and self.state is MergeState.MERGING:
+            self.state = MergeState.PAUSED
         self._stop = True
         if self._running is not None:
             await self._running.wait()
@@ -117,12 +126,13 @@ class Merge:
 
     def is_merging(self, start: int, count: int) -> bool:
         """Do chunks [start, start+count) overlap a run being merged?"""
-        if self.merging is None:
+        runs = self.step_runs
+        if runs is None:
             return False
         # the runs are sorted and disjoint: only the last one starting
         # before chunk start+count can reach chunk start
-        i = bisect.bisect_left(self.merging, (start + count,))
-        return i > 0 and start < self.merging[i - 1][0] + self.merging[i - 1][1]
+        i = bisect.bisect_left(runs, (start + count,))
+        return i > 0 and start < runs[i - 1][0] + runs[i - 1][1]
 
     async def wait_progress(self) -> None:
         await self._progress.wait()
@@ -131,14 +141,14 @@ class Merge:
 
     async def run(self) -> None:
         try:
-            while not self._stop and self.state == "merging":
+            while not self._stop and self.state is MergeState.MERGING:
                 if not await self._merge_one():
                     break
         except Exception as e:  # a bug must not kill the daemon or hang writers
             log.exception("merge of %s failed", self.snap.name)
             self._fail(f"internal error: {e}")
         finally:
-            self.merging = None
+            self.step_runs = None
             self._wake()
             ev, self._running = self._running, None
             if ev is not None:
@@ -146,7 +156,7 @@ class Merge:
 
     def _fail(self, reason: str) -> None:
         log.error("merge of %s into %s: %s; shutting down merge", self.snap.name, self.origin.name, reason)
-        self.state = "failed"
+        self.state = MergeState.FAILED
         self.reason = reason
 
     async def _merge_one(self) -> bool:
@@ -162,21 +172,15 @@ class Merge:
             self._fail(str(e))
             return False
         if not runs:
-            self.state = "done"
+            self.state = MergeState.DONE
             log.info("merge of %s into %s complete", s.name, o.name)
-            o.nursery.start_soon(self.pool.finish_merge, o)
+            o.nursery.start_soon(o.raise_event, MergeFinished(self))
             return False
         # 1. Keep the other snapshots valid: they get the origin data first.
         #    A pass that starts no copy ends it, with no checkpoint before 2.
-        while True:
-            waits = [pe for r in runs
-                     for pe in o.start_cow(r.old * cs, r.old * cs + s.chunk_bytes(r.old, r.count))]
-            if not waits:
-                break
-            for pe in waits:
-                await pe.wait()
+        await o.copy_out([(r.old * cs, r.old * cs + s.chunk_bytes(r.old, r.count)) for r in runs])
         # 2. Queue new writes to the runs; drain the ones in flight.
-        self.merging = sorted((r.old, r.count) for r in runs)
+        self.step_runs = sorted((r.old, r.count) for r in runs)
         for r in runs:
             await self.tracked_writes.wait_clear(r.old, r.count)
         # 3. Copy the COW chunks back: a job per run; kcopyd runs the small
@@ -210,9 +214,8 @@ class Merge:
             return False
         # 5. Forget the exceptions, let the queued writes go to the origin.
         for r in runs:
-            s.complete.remove(r.old, r.count)
-            self.bytes_merged += s.chunk_bytes(r.old, r.count)
-        self.merging = None
+            s.exceptions.remove(r.old, r.count)
+        self.step_runs = None
         self._wake()
         return True
 
@@ -233,7 +236,7 @@ class MergeTarget(Target):
         s = self.snap
         if not s.valid:
             return "Invalid"
-        if self.merge.state == "failed":
+        if self.merge.state is MergeState.FAILED:
             return "Merge failed"
         return s.store.status_params()
 
@@ -250,7 +253,7 @@ class MergeTarget(Target):
         await self.merge.stop()
 
     def resume(self) -> None:
-        if self.merge.state == "merging":
+        if self.merge.state is MergeState.MERGING:
             self.merge.start()
 
     async def map(self, req: Request) -> list[Request]:
@@ -261,11 +264,8 @@ class MergeTarget(Target):
             # snapshots first (do_origin), like any origin write.
             c0, c1 = s.chunk_range(req.offset, req.end)
             while True:
-                waits = o.start_cow(req.offset, req.end)
-                if waits:
-                    for pe in waits:
-                        await pe.wait()
-                elif c1 > c0 and m.is_merging(c0, c1 - c0):
+                await o.copy_out([(req.offset, req.end)])
+                if c1 > c0 and m.is_merging(c0, c1 - c0):
                     # Queued until the run is merged (bios_queued_during_merge).
                     await m.wait_progress()
                 else:
@@ -275,7 +275,7 @@ class MergeTarget(Target):
         c0, c1 = s.chunk_range(req.offset, req.end)
         pos = req.offset
         if c1 > c0:
-            for old, new, n in s.complete.lookup_range(c0, c1 - c0):
+            for old, new, n in s.exceptions.lookup_range(c0, c1 - c0):
                 lo, hi = max(req.offset, old * cs), min(req.end, (old + n) * cs)
                 if new is None:
                     clones.append(req.clone(lo, hi - lo).remap(o.fd, lo))
@@ -293,12 +293,3 @@ class MergeTarget(Target):
     async def end_io(self, req: Request) -> None:
         for token in req.target_ctx or ():
             self.merge.tracked_writes.remove(token)
-
-
-async def wait_merge_done(merge: Merge, timeout: float | None = None) -> None:
-    """For tests: wait until `merge` is done (or failed)."""
-    with trio.fail_after(timeout) if timeout else trio.CancelScope():
-        while merge.state in ("merging",) or merge._running is not None:
-            await trio.sleep(0.01)
-    if merge.state == "failed":
-        raise DmError(errno.EIO, merge.describe())

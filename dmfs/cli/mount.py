@@ -30,10 +30,10 @@ import time
 import pyfuse3
 import trio
 
-from .cli import QuietError, leaf_exception, describe_error
-from .errors import DmError
-from .fuse_ops import Operations
-from .umount import loop_devices_using
+from ..errors import DmError
+from ..fuse.operations import Operations
+from .common import QuietError, describe_error, leaf_exception
+from .mounts import loop_devices_using
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ async def serve(pool_path: str, mnt: str, fuse_opts: set[str], ready=None,
       ready: called with "ok" once the mount answers, or "err <reason>".
       opened: called with the pool once it is open.
     """
-    from .pool import Pool  # imported here: the pool pulls in the whole core
+    from ..pool import Pool  # imported here: the pool pulls in the whole core
 
     async with trio.open_nursery() as nursery:
         log.info("opening pool %s", pool_path)

@@ -10,24 +10,10 @@ import errno
 import json
 import os
 
-from .cli import QuietError
+from .common import QuietError, human_size
 
 COLUMNS = ("LV", "Origin", "LSize", "Chunk", "Data%", "State")
 RIGHT_ALIGNED = frozenset(("LSize", "Chunk", "Data%"))
-_UNITS = "bkmgtpe"
-
-
-def human_size(n: int | None) -> str:
-    """Bytes the way `lvs` shows them: ``1.00g``, ``4.00k``, ``512.00b``."""
-    if n is None:
-        return ""
-    if n == 0:
-        return "0"
-    value, unit = float(n), 0
-    while value >= 1024 and unit < len(_UNITS) - 1:
-        value /= 1024
-        unit += 1
-    return f"{value:.2f}{_UNITS[unit]}"
 
 
 def _row(info: dict) -> dict:
@@ -78,7 +64,7 @@ def collect(mnt: str) -> list[dict]:
 
 
 def run(args) -> int:
-    from .umount import FSTYPE, mount_type
+    from .mounts import FSTYPE, mount_type
 
     mnt = args.mountpoint
     if not os.path.isdir(mnt):

@@ -12,13 +12,14 @@ import os
 
 import trio
 
-from .control import check_name, parse_size
+from ..fuse.control import parse_size
+from ..pool.names import check_name
 
 log = logging.getLogger(__name__)
 
 
 async def _create(pool_path: str, name: str, size: int | None, backing: str | None):
-    from .pool import Pool
+    from ..pool import Pool
 
     async with trio.open_nursery() as nursery:
         pool = await Pool.open(pool_path, nursery)
@@ -41,6 +42,6 @@ def run(args) -> int:
         backing = os.path.abspath(args.backing)
     pool_path = os.path.abspath(args.pool)
     filename, nbytes = trio.run(_create, pool_path, name, size, backing)
-    from .status import human_size
+    from .common import human_size
     print(f"created {filename} ({human_size(nbytes)}) in {pool_path}")
     return 0

@@ -5,7 +5,9 @@ device.  A target splits it at chunk boundaries into clones that point
 into the parent's buffer (a memoryview slice, never a copy), maps each
 clone to a backing file, and the device performs the I/O.
 
-Ownership (the lesson of seeds 000 and 004): the parent owns the buffer;
+Ownership (the kernel learned it twice: the revert of "block, dm: don't copy
+bios for request clones", 5f1b670d0bef, and "block: Revert bio_clone()
+default behaviour", 2013): the parent owns the buffer;
 clones only borrow slices of it and must all be complete before the
 parent completes, so nobody can free or reuse the buffer while a clone
 still points into it.
@@ -40,8 +42,6 @@ class Flags:
     NONE = 0
     # Make this write durable before completing it (O_SYNC/O_DSYNC writes).
     FUA = 1
-    # Flush everything acknowledged before this request first.
-    PREFLUSH = 2
 
 
 class Request:

@@ -1,12 +1,12 @@
 """The xattr control interface: attribute names, value parsing, dispatch.
 
 Everything a user steers with `setfattr`/`getfattr` passes through here:
-`fuse_ops` hands over the raw attribute name and value (bytes), this
+`operations` hands over the raw attribute name and value (bytes), this
 module parses and validates them and calls the pool.  It never imports
 pyfuse3, so it is unit-testable without FUSE; every error is a
-`DmError(errno, message)` that `fuse_ops` turns into a `FUSEError`.
+`DmError(errno, message)` that `operations` turns into a `FUSEError`.
 
-Errno conventions (DESIGN.md §1):
+Errno conventions (README, "The xattr interface"):
   * EINVAL: malformed value, or setting a read-only attribute;
   * ENODATA: unknown attribute (also any name outside ``user.dmfs.`` on
     get, which the kernel asks for often, e.g. ``security.capability``);
@@ -24,9 +24,13 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import replace
 
-from .errors import DmError
+from store import StoreType
+
+from ..dm import COPY_THROTTLE_RANGE, COW_THRESHOLD_MIN
+from ..errors import DmError
+from ..pool import SnapshotSpec, check_name
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +61,8 @@ ROOT_GETTABLE = (XA_PID, XA_POOL)
 # says "read-only" (EINVAL) rather than "unknown" (ENODATA).
 _KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE + (XA_SNAPSHOT, XA_MERGE))
 
-# Volume names.  `@` separates origin and snapshot in file names, so it is
-# reserved.  The length cap keeps "NAME@SNAP.img" below NAME_MAX (255).
-NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-NAME_MAX = 120
-
 MIN_CHUNK = 512
 MAX_CHUNK = 1 << 30
-STORE_TYPES = ("P", "PO", "N")
-
-COPY_THROTTLE_RANGE = (1, 100)
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -109,44 +105,6 @@ def parse_size(value: bytes | str) -> int:
     return int(number) * scale
 
 
-def valid_name(name: str) -> bool:
-    """True if `name` may be an origin or snapshot name."""
-    return bool(NAME_RE.fullmatch(name)) and len(name) <= NAME_MAX
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """Return `name` or raise DmError(EINVAL) saying what is wrong with it."""
-    if not name:
-        raise DmError(errno.EINVAL, f"{what} is empty")
-    if "@" in name:
-        raise DmError(errno.EINVAL, f"{what} {name!r} contains '@' (reserved for NAME@SNAP)")
-    if not NAME_RE.fullmatch(name):
-        raise DmError(errno.EINVAL, f"{what} {name!r} may only contain A-Z a-z 0-9 . _ -")
-    if len(name) > NAME_MAX:
-        raise DmError(errno.EINVAL, f"{what} is longer than {NAME_MAX} characters")
-    return name
-
-
-@dataclass
-class SnapshotSpec:
-    """What `setfattr -n user.dmfs.snapshot -v 'SNAP [options]'` asks for.
-
-    Attributes:
-      name: snapshot name (the file becomes ``ORIGIN@NAME.img``).
-      chunk_size: bytes per chunk, a power of two in 512..1G.
-      cow_size: COW store capacity in bytes; None means the origin's size.
-      store: "P" persistent, "PO" persistent with overflow, "N" transient.
-      discard_zeroes_cow, discard_passdown_origin: dm's discard features.
-    """
-
-    name: str
-    chunk_size: int = 4096
-    cow_size: int | None = None
-    store: str = "P"
-    discard_zeroes_cow: bool = False
-    discard_passdown_origin: bool = False
-
-
 def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
     """Parse ``'SNAP [chunk_size=..] [cow_size=..] [store=P|PO|N] [discard_zeroes_cow]
     [discard_passdown_origin]'``.
@@ -186,10 +144,11 @@ def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
                 raise DmError(errno.EINVAL, "user.dmfs.snapshot: cow_size must be positive")
             spec.cow_size = n
         else:
-            if val.upper() not in STORE_TYPES:
+            try:
+                spec.store = StoreType.parse(val)
+            except DmError:
                 raise DmError(errno.EINVAL, f"user.dmfs.snapshot: store={val}: "
-                              "use P (persistent), PO (persistent, overflow) or N (transient)")
-            spec.store = val.upper()
+                              "use P (persistent), PO (persistent, overflow) or N (transient)") from None
     # dm-snap.c parse_snapshot_features(): passdown without zeroing is refused.
     if spec.discard_passdown_origin and not spec.discard_zeroes_cow:
         raise DmError(errno.EINVAL, "user.dmfs.snapshot: discard_passdown_origin "
@@ -211,11 +170,6 @@ def _parse_int(value: bytes, attr: bytes, lo: int, hi: int | None) -> int:
 
 def _ascii(value) -> bytes:
     return str(value).encode("ascii", "backslashreplace")
-
-
-def _attr_key(name: bytes) -> str:
-    """``b'user.dmfs.copy_throttle'`` -> ``'copy_throttle'`` (Volume.get_attr's key)."""
-    return name[len(PREFIX):].decode("ascii")
 
 
 def _unknown(name: bytes) -> DmError:
@@ -250,8 +204,10 @@ def get_xattr(pool, volume, name: bytes) -> bytes:
             return _ascii(volume.info()["cow_size"])
         if name == XA_ORIGIN:
             return _ascii(volume.origin.filename)
-    elif name in (XA_COPY_THROTTLE, XA_COW_THRESHOLD):
-        return _ascii(volume.get_attr(_attr_key(name)))
+    elif name == XA_COPY_THROTTLE:
+        return _ascii(volume.tunables.copy_throttle)
+    elif name == XA_COW_THRESHOLD:
+        return _ascii(volume.tunables.cow_threshold)
     elif name == XA_MERGE:
         return _ascii(volume.merge_state())
     raise _unknown(name)
@@ -293,11 +249,12 @@ async def set_xattr(pool, volume, name: bytes, value: bytes) -> None:
             await pool.create_snapshot(volume, spec)
             return
         if name == XA_COPY_THROTTLE:
-            await volume.set_attr(_attr_key(name),
-                                  str(_parse_int(value, name, *COPY_THROTTLE_RANGE)))
+            n = _parse_int(value, name, *COPY_THROTTLE_RANGE)
+            await volume.set_tunables(replace(volume.tunables, copy_throttle=n))
             return
         if name == XA_COW_THRESHOLD:
-            await volume.set_attr(_attr_key(name), str(_parse_int(value, name, 1, None)))
+            n = _parse_int(value, name, COW_THRESHOLD_MIN, None)
+            await volume.set_tunables(replace(volume.tunables, cow_threshold=n))
             return
         if name == XA_COW_SIZE:
             raise DmError(errno.EINVAL, f"{sname} is set on a snapshot, not on the origin")

@@ -38,21 +38,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from operator import add
 from typing import TextIO
 
+from store import StoreType
 from store import format as fmt
 from store.fileio import OS_IO
 from store.persistent import LOG_COMPACT_SUFFIX, check_geometry, write_header_slots
 
-from .cli import QuietError
-from .errors import DmError
-from .status import human_size
+from ..errors import DmError
+from ..pool.names import STORE_FILE_RE
+from .common import QuietError, human_size
 
-STORE_RE = re.compile(r"^(?P<origin>[A-Za-z0-9._-]+)@(?P<snap>[A-Za-z0-9._-]+)\.(?P<ext>cow|log)$")
 KNOWN_FILES = {"pool.json", "lock", "dmfs.log"}
 
 
@@ -135,7 +134,7 @@ def check_pool(pool: str, report: Report, repair: bool = False) -> None:
         snapshots += _check_origin(pool, name, report, repair, listed)
     orphans = 0
     for n in names:
-        m = STORE_RE.match(n)
+        m = STORE_FILE_RE.fullmatch(n)
         if m and f"{m['origin']}@{m['snap']}" not in listed:
             if n.endswith(".log") or not os.path.exists(os.path.join(pool, n[:-4] + ".log")):
                 orphans += 1
@@ -207,8 +206,12 @@ def _check_origin(pool: str, name: str, report: Report, repair: bool, listed: se
         if not isinstance(sm, dict):
             report.error(base_name, f"bad entry in {name}.json: {sm!r}")
             continue
-        store = sm.get("store", "P")
-        if store == "N":
+        try:
+            store = StoreType.parse(sm.get("store", "P"))
+        except DmError as e:
+            report.error(base_name, f"bad entry in {name}.json: {e}")
+            continue
+        if not store.persistent:
             report.warning(base_name, "transient (N) snapshot: its exceptions were in memory only; "
                            "it is dropped on the next mount")
             continue
@@ -222,22 +225,42 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
     """Check one persistent store (BASE.log + BASE.cow) offline."""
     subject = subject or os.path.basename(base)
     log_path, cow_path = base + ".log", base + ".cow"
+    buf, cow_size_on_disk = _read_store(log_path, cow_path, report, subject)
+    if buf is None:
+        return
+    hdr = _check_header(buf, log_path, report, subject, repair=repair,
+                        expect_chunk=expect_chunk, expect_type=expect_type)
+    if hdr is None:
+        return
+    scan = _check_log(buf, hdr, log_path, report, subject, repair=repair)
+    if scan is None:
+        return
+    _check_mapping(scan, hdr, cow_size_on_disk, report, subject)
+
+
+def _read_store(log_path: str, cow_path: str, report: Report,
+                subject: str) -> tuple[bytes | None, int | None]:
+    """The log's bytes (None: unreadable, reported) and the .cow's size (None: missing)."""
     try:
         with open(log_path, "rb") as f:
             buf = f.read()
     except FileNotFoundError:
         report.error(subject, "store missing (no .log); the snapshot is listed as Invalid")
-        return
+        return None, None
     except OSError as e:
         report.error(subject, f"cannot read {log_path}: {e.strerror}")
-        return
+        return None, None
     try:
         cow_size_on_disk = os.stat(cow_path).st_size
     except OSError:
         cow_size_on_disk = None
         report.error(subject, "COW data file (.cow) missing; the snapshot is listed as Invalid")
+    return buf, cow_size_on_disk
 
-    # -- header slots
+
+def _check_header(buf: bytes, log_path: str, report: Report, subject: str, *, repair: bool,
+                  expect_chunk: int | None, expect_type: str | None) -> fmt.Header | None:
+    """Both header slots; None when no usable header is left (reported)."""
     area = buf[:fmt.HEADER_AREA]
     slots: list[fmt.Header | None] = []
     why_bad: list[str] = []
@@ -252,7 +275,7 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
         hdr, cur = fmt.pick_header(area)
     except fmt.FormatError as e:
         report.error(subject, f"no usable header ({e}); the snapshot is listed as Invalid")
-        return
+        return None
     other = slots[1 - cur]
     gens = ", ".join(f"slot {'AB'[i]} gen {h.gen}{' (current)' if i == cur else ''}"
                      for i, h in enumerate(slots) if h is not None)
@@ -261,25 +284,37 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
     if other is None or other.replace(gen=hdr.gen) != hdr or other.gen >= hdr.gen:
         why = (f"unreadable ({why_bad[1 - cur]})" if other is None
                else "holds an older state (crash during a header update)")
-        if repair:
-            try:
-                fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    write_header_slots(OS_IO, fd, hdr.replace(gen=hdr.gen + 1), 1 - cur)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                report.error(subject, f"cannot rewrite header slot {'AB'[1 - cur]}: {e.strerror}")
-            else:
-                report.fixed(subject, f"header slot {'AB'[1 - cur]} {why}: both slots rewritten "
-                             f"from slot {'AB'[cur]}")
-        else:
-            report.error(subject, f"header slot {'AB'[1 - cur]} {why}", repairable=True)
+        _mend_header_slot(log_path, hdr, cur, why, report, subject, repair)
     try:
         check_geometry(hdr.chunk_size, hdr.cow_size, 3)
     except DmError as e:
         report.error(subject, f"bad header: {e}")
+        return None
+    _check_header_state(hdr, report, subject, expect_chunk, expect_type)
+    return hdr
+
+
+def _mend_header_slot(log_path: str, hdr: fmt.Header, cur: int, why: str, report: Report,
+                      subject: str, repair: bool) -> None:
+    """The slot other than `cur` is stale or unreadable: rewrite it, or say so."""
+    if not repair:
+        report.error(subject, f"header slot {'AB'[1 - cur]} {why}", repairable=True)
         return
+    try:
+        fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            write_header_slots(OS_IO, fd, hdr.replace(gen=hdr.gen + 1), 1 - cur)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        report.error(subject, f"cannot rewrite header slot {'AB'[1 - cur]}: {e.strerror}")
+    else:
+        report.fixed(subject, f"header slot {'AB'[1 - cur]} {why}: both slots rewritten "
+                     f"from slot {'AB'[cur]}")
+
+
+def _check_header_state(hdr: fmt.Header, report: Report, subject: str,
+                        expect_chunk: int | None, expect_type: str | None) -> None:
     if hdr.type_name not in fmt.STORE_TYPES:
         report.error(subject, f"unknown store type {hdr.type_name!r} in the header")
     if expect_chunk is not None and expect_chunk != hdr.chunk_size:
@@ -291,13 +326,16 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
     elif hdr.overflow:
         report.warning(subject, "Overflow: snapshot writes fail until user.dmfs.cow_size grows it")
 
-    # -- the log
+
+def _check_log(buf: bytes, hdr: fmt.Header, log_path: str, report: Report, subject: str, *,
+               repair: bool) -> fmt.LogScan | None:
+    """The log's records; None when durable records are damaged (reported)."""
     seed = fmt.log_seed(hdr.uuid)
     try:
         scan = fmt.scan_log(buf, seed=seed)
     except fmt.FormatError as e:
         report.error(subject, f"malformed record: {e}; the snapshot is listed as Invalid")
-        return
+        return None
     batches = {}
     for r in scan.records:
         if r.kind == fmt.REC_EXCEPTIONS:
@@ -311,29 +349,38 @@ def check_store(base: str, report: Report, *, repair: bool = False, subject: str
     if scan.corrupt is not None:
         report.error(subject, f"{scan.corrupt}: records that were durable are damaged; the "
                      "snapshot is listed as Invalid and cannot be repaired")
-        return
+        return None
     if scan.torn or len(buf) < fmt.LOG_START:
         tail = len(buf) - scan.end
         what = (f"torn log tail: {tail} bytes after the last good record (offset {scan.end}: {scan.stop})"
                 if tail > 0 else "header area incomplete")
         if scan.later:
             what += f", incl. {len(scan.later)} records of the unfinished commit"
-        if repair:
-            try:
-                fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    os.ftruncate(fd, scan.end)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                report.error(subject, f"cannot cut the log: {e.strerror}")
-            else:
-                report.fixed(subject, f"{what}: cut")
-        else:
-            report.error(subject, what, repairable=True)
+        _cut_torn_tail(log_path, scan.end, what, report, subject, repair)
+    return scan
 
-    # -- what the records describe
+
+def _cut_torn_tail(log_path: str, end: int, what: str, report: Report, subject: str,
+                   repair: bool) -> None:
+    if not repair:
+        report.error(subject, what, repairable=True)
+        return
+    try:
+        fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        report.error(subject, f"cannot cut the log: {e.strerror}")
+    else:
+        report.fixed(subject, f"{what}: cut")
+
+
+def _check_mapping(scan: fmt.LogScan, hdr: fmt.Header, cow_size_on_disk: int | None,
+                   report: Report, subject: str) -> None:
+    """What the records describe: exceptions, free chunks, the .cow's size."""
     st = fmt.replay(scan.records, hdr)
     for p in st.problems:
         report.error(subject, f"{p}; the snapshot is listed as Invalid")

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from .cli import QuietError
+from .common import QuietError
 
 POLL_SECONDS = 0.5
 

@@ -1,0 +1,316 @@
+"""`Origin`: an origin volume and the snapshots that depend on it.
+
+This is the kernel's `struct origin` plus the snapshot-origin device: the
+origin's backing file and the snapshots that must get a copy of an origin
+chunk before it is overwritten.
+
+The data path of an origin write (`OriginTarget.map`):
+
+1. `Origin.start_cow()` looks, for every active snapshot, at the chunks
+   the write touches (one range lookup per snapshot, not one per chunk).
+   Chunks already copied need nothing; chunks with a pending exception
+   are waited for; the rest get new pending exceptions, allocated in
+   runs, and one kcopyd job per run copies the old origin data to every
+   snapshot that needs that run (read once, write N).
+   Small jobs share one thread hop with every other small job queued at
+   the time (kcopyd's batch worker).
+2. Finished copies queue for the origin's committer task, which commits
+   everything copied meanwhile in one round: per snapshot one group
+   commit of its store (data durable, then the record); the exceptions
+   enter the completed table, snapshot reads of those chunks still going
+   to the origin are drained, and only then are the pending exceptions
+   released.
+3. The write retries step 1 until nothing is pending, then goes to the
+   origin in one piece.  With the write-back cache (writeback.py) the
+   caller is acknowledged as soon as the write is held, and the cache's
+   applier task does step 3.
+
+Everything here runs on the trio thread (see snapshot.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from kcopyd import CopyResult, KcopydClient, Region
+
+from ..errors import DmError, StoreFull
+from .device import MappedDevice, run_io
+from .events import Event, EventHandler, TunablesChanged, no_handler
+from .origin_target import OriginTarget
+from .pending import PendingException, pending_pieces
+from .volume import Volume
+from .writeback import WritebackCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .merge import Merge
+    from .snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+# dm-kcopyd: at most this many destinations per job.
+KCOPYD_MAX_REGIONS = 8
+# COW copies up to this size share one thread hop with every other such
+# copy queued at the time: a thread hop costs about as much as copying
+# 64 KiB between page-cached files.
+BATCH_COPY_MAX = 64 * 1024
+
+COPY_THROTTLE_RANGE = (1, 100)
+COW_THRESHOLD_MIN = 1
+
+
+@dataclass(frozen=True)
+class OriginTunables:
+    """How hard an origin's COW copies may push the disk.
+
+    Attributes:
+      copy_throttle: percent of the time kcopyd may spend on I/O, 1-100
+        (dm-kcopyd's throttle, per origin here).
+      cow_threshold: COW jobs in flight at most (dm-snapshot's
+        cow_threshold module parameter).
+
+    Raises:
+      DmError(EINVAL): a value out of range.
+    """
+
+    copy_throttle: int = 100
+    cow_threshold: int = 2048
+
+    def __post_init__(self) -> None:
+        lo, hi = COPY_THROTTLE_RANGE
+        if not lo <= self.copy_throttle <= hi:
+            raise DmError(errno.EINVAL, f"copy_throttle is a percentage from {lo} to {hi}")
+        if self.cow_threshold < COW_THRESHOLD_MIN:
+            raise DmError(errno.EINVAL, f"cow_threshold must be at least {COW_THRESHOLD_MIN}")
+
+
+class Origin(Volume):
+    """An origin volume and the snapshots that depend on it.
+
+    Invariants:
+      * `snapshots` is sorted by chunk size, largest first (dm's
+        __insert_snapshot), and only changes while the origin device is
+        suspended;
+      * `fd` is the backing file, open O_RDWR, `size` bytes long;
+      * what the owner must act on is reported through `raise_event`,
+        never by calling the owner.
+    """
+
+    def __init__(self, name: str, path: str, fd: int, size: int, *,
+                 backing: str | None, nursery: trio.Nursery,
+                 events: EventHandler = no_handler):
+        super().__init__(name, size)
+        self.events = events
+        self.path = path
+        self.fd = fd
+        self.backing = backing
+        self.nursery = nursery
+        self.snapshots: list[Snapshot] = []
+        self.kcopyd = KcopydClient(batch_max=BATCH_COPY_MAX)
+        # Held by whoever changes this origin's table or snapshots.
+        self.config_lock = trio.Lock()
+        self.merge: Merge | None = None  # while a snapshot merges into this origin
+        self.writeback = WritebackCache(self.filename, fd, nursery,
+                                        recheck=self.start_cow, before_apply=self.wait_invalidations)
+        # Copied pending exceptions waiting for the committer task.
+        self._copied: list[tuple[PendingException, int | None]] = []
+        self._committing = False
+        self.device = MappedDevice(name, OriginTarget(self))
+
+    def register(self, snap: Snapshot) -> None:
+        """Add a snapshot (origin suspended): from now on writes COW into it."""
+        self.snapshots.append(snap)
+        self.snapshots.sort(key=lambda s: -s.chunk_size)
+        snap.active = True
+
+    def unregister(self, snap: Snapshot) -> None:
+        snap.active = False
+        self.snapshots.remove(snap)
+
+    async def raise_event(self, event: Event) -> None:
+        """Tell the owner (dm_table_event); its failure is logged, not raised,
+        except for `TunablesChanged`, whose setter reports it."""
+        if isinstance(event, TunablesChanged):
+            await self.events(event)
+            return
+        try:
+            await self.events(event)
+        except Exception:
+            log.exception("%s: handling %s failed", self.name, type(event).__name__)
+
+    # -- copy on write ------------------------------------------------------
+
+    def start_cow(self, start: int, end: int) -> list[PendingException]:
+        """Make sure every active snapshot has (or gets) a copy of [start, end).
+
+        Returns the pending exceptions the write must wait for; new ones
+        have their copy job started.  Does not await (dm's __origin_write).
+        """
+        waits: list[PendingException] = []
+        new: list[PendingException] = []
+        for s in self.snapshots:
+            if not (s.valid and s.active) or s.merging or start >= s.size:
+                continue
+            c0, c1 = s.chunk_range(start, end)
+            for gap, n in s.exceptions.missing(c0, c1 - c0):
+                for lo, hi, pe in pending_pieces(s.pending, gap, gap + n):
+                    if pe is not None:
+                        if not waits or waits[-1] is not pe:
+                            waits.append(pe)
+                        continue
+                    try:
+                        new.extend(s.new_pending(lo, hi - lo))
+                    except StoreFull:
+                        # The point-in-time image cannot be kept: dm invalidates.
+                        s.invalidate("exception store is full (origin write)")
+                        break
+                if not s.valid:
+                    break
+        if new:
+            self.start_copy_job(new)
+            waits.extend(new)
+        return waits
+
+    async def copy_out(self, ranges: list[tuple[int, int]],
+                       waits: list[PendingException] | None = None) -> None:
+        """Return once every active snapshot has its copy of each [start, end).
+
+        Waits for `waits` (or what `start_cow` returns) and looks again, as
+        dm's retry_origin_bios does: a copy that failed invalidated its
+        snapshot, which then needs nothing.  Every invalidation is durable
+        before this returns.  No checkpoint when nothing was pending.
+        """
+        if waits is None:
+            waits = [pe for start, end in ranges for pe in self.start_cow(start, end)]
+        while waits:
+            for pe in waits:
+                await pe.wait()
+            waits = [pe for start, end in ranges for pe in self.start_cow(start, end)]
+        await self.wait_invalidations()
+
+    async def wait_invalidations(self) -> None:
+        """Wait until every invalidation of a snapshot of this origin is durable."""
+        for s in self.snapshots:
+            if not s.invalid_durable.is_set():
+                await s.invalid_durable.wait()
+
+    def start_copy_job(self, pes: list[PendingException]) -> None:
+        """Start kcopyd jobs for new pending exceptions: one per origin range,
+        written to every snapshot that needs exactly that range.
+
+        Copied exceptions go to `_copied`, and one committer task commits
+        everything copied meanwhile: a task per job would cost more trio
+        scheduling than a 4 KiB copy (small jobs share a thread hop in
+        kcopyd for the same reason).
+        """
+        groups: dict[tuple[int, int], list[PendingException]] = {}
+        for pe in pes:
+            s = pe.snapshot
+            key = (pe.old * s.chunk_size, s.chunk_bytes(pe.old, pe.count))
+            groups.setdefault(key, []).append(pe)
+        for (src, length), group in groups.items():
+            for i in range(0, len(group), KCOPYD_MAX_REGIONS):
+                job = group[i:i + KCOPYD_MAX_REGIONS]
+                dests = [Region(pe.snapshot.store.cow_fd, pe.new * pe.snapshot.chunk_size, length)
+                         for pe in job]
+                self.kcopyd.copy_soon(self.nursery, Region(self.fd, src, length), dests,
+                                      functools.partial(self._copy_done, job),
+                                      chunks=max(pe.count for pe in job))
+
+    def _copy_done(self, pes: list[PendingException], res: CopyResult) -> None:
+        """Queue copied (or failed) pending exceptions for the committer."""
+        for i, pe in enumerate(pes):
+            self._copied.append((pe, res.read_error or res.write_errors.get(i)))
+        if not self._committing:
+            self._committing = True
+            self.nursery.start_soon(self._committer)
+
+    async def _committer(self) -> None:
+        """Commit what was copied, in rounds, until nothing is left.
+
+        One round takes everything copied so far: per snapshot, one
+        `complete_pending` (one group commit of its store), the snapshots
+        in parallel.  Copies finishing during a round wait for the next,
+        which is how commits batch under load.
+        """
+        try:
+            while self._copied:
+                batch, self._copied = self._copied, []
+                by_key: dict[tuple[Snapshot, int | None], list[PendingException]] = {}
+                for pe, err in batch:
+                    by_key.setdefault((pe.snapshot, err), []).append(pe)
+                try:
+                    if len(by_key) == 1:
+                        (s, err), pes = next(iter(by_key.items()))
+                        await s.complete_pending(pes, err)
+                    else:
+                        async with trio.open_nursery() as n:
+                            for (s, err), pes in by_key.items():
+                                n.start_soon(s.complete_pending, pes, err)
+                except Exception:  # a bug must not leave origin writes hanging
+                    log.exception("committing %d exceptions of %s failed", len(batch), self.name)
+                    for pe, _ in batch:
+                        if not pe.done.is_set():
+                            pe.error = errno.EIO
+                            pe.done.set()
+                    self.cow_progressed()
+        finally:
+            self._committing = False
+
+    def cow_progressed(self) -> None:
+        """Pending exceptions completed: wake the write-back cache."""
+        self.writeback.kick()
+
+    # -- size -----------------------------------------------------------------
+
+    async def grow(self, size: int) -> None:
+        """Grow the backing file (origin suspended by the caller)."""
+        if self.backing is not None:
+            raise DmError(errno.EINVAL, f"{self.filename} is backed by {self.backing}; grow that instead")
+        await run_io(os.ftruncate, self.fd, size)
+        self.size = size
+
+    # -- reporting -------------------------------------------------------------
+
+    def merge_state(self) -> str:
+        """The value of user.dmfs.merge: none, merging D/T, paused D/T, failed: why."""
+        return self.merge.describe() if self.merge is not None else "none"
+
+    def info(self) -> dict:
+        return {
+            "name": self.name, "file": self.filename, "origin": "", "size": self.size,
+            "chunk_size": None, "data_percent": None,
+            "state": "active" if self.merge is None else self.merge.describe(),
+            "merge": self.merge_state(),
+            "snapshots": [s.snap_name for s in self.snapshots],
+            "backing": self.backing, "readonly": False,
+            "copy_throttle": self.kcopyd.throttle_percent,
+            "cow_threshold": self.kcopyd.cow_threshold,
+        }
+
+    @property
+    def tunables(self) -> OriginTunables:
+        return OriginTunables(copy_throttle=self.kcopyd.throttle_percent,
+                              cow_threshold=self.kcopyd.cow_threshold)
+
+    def load_tunables(self, tunables: OriginTunables) -> None:
+        """Apply saved tunables (at load, before any I/O)."""
+        self.kcopyd.throttle_percent = tunables.copy_throttle
+        self.kcopyd.cow_threshold = tunables.cow_threshold
+
+    async def set_tunables(self, tunables: OriginTunables) -> None:
+        """Apply new tunables and have the owner save them.
+
+        Raises:
+          whatever the owner's `TunablesChanged` handler raises (the new
+          values stay in force for this mount).
+        """
+        self.load_tunables(tunables)
+        await self.raise_event(TunablesChanged(self))

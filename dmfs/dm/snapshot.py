@@ -1,0 +1,221 @@
+"""`Snapshot`: one snapshot of an origin (dm's `struct dm_snapshot`).
+
+A snapshot owns its exception store, the table of completed exceptions
+(`exceptions`), the pending exceptions being copied into it, and the
+snapshot reads still going to the origin (`tracked`).  Its own device
+maps reads and writes of the snapshot volume (`SnapshotTarget`); origin
+writes reach it through `Origin.start_cow`.
+
+Everything here runs on the trio thread: between two awaits nobody else
+touches these tables, which is what the kernel's locks buy it.  The
+kernel's "re-check after a sleeping allocation" rule holds because
+allocation never awaits.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from store import ExceptionRun, ExceptionStore, StoreType
+
+from ..errors import DmError, StoreFull
+from .device import MappedDevice
+from .events import SnapshotInvalidated
+from .exception_table import ExceptionTable
+from .pending import PendingException, PendingTable, TrackedChunks
+from .snapshot_target import SnapshotTarget
+from .volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .origin import Origin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SnapshotConfig:
+    """What the pool persists about a snapshot besides its store."""
+    store: StoreType = StoreType.P
+    readonly: bool = False
+    discard_zeroes_cow: bool = False
+    discard_passdown_origin: bool = False
+    created: float = field(default_factory=time.time)
+
+
+class Snapshot(Volume):
+    """One snapshot of an origin (dm's `struct dm_snapshot`).
+
+    Invariants:
+      * a chunk is in at most one of `exceptions` and `pending` (never two
+        exceptions for one chunk);
+      * `active` is False until the origin was suspended and this
+        snapshot registered; an inactive snapshot triggers no COW;
+      * once `valid` is False it stays False and all I/O fails with EIO.
+    """
+
+    is_snapshot = True
+
+    def __init__(self, origin: Origin, snap_name: str, store: ExceptionStore | None,
+                 size: int, config: SnapshotConfig):
+        super().__init__(f"{origin.name}@{snap_name}", size)
+        self.origin = origin
+        self.snap_name = snap_name
+        self.store = store
+        self.config = config
+        self.exceptions = ExceptionTable()
+        self.pending = PendingTable()
+        self.tracked = TrackedChunks()
+        self.valid = store is not None and store.valid
+        self.active = False
+        self.merging = False
+        if store is None:
+            self.invalid_reason = "store could not be opened"
+        else:
+            self.invalid_reason = "" if self.valid else "marked invalid in its header"
+        # Clear while the invalid flag is being persisted: origin writes
+        # that needed this snapshot wait for it before their chunk changes.
+        self.invalid_durable = trio.Event()
+        self.invalid_durable.set()
+        if store is not None:
+            self.chunk_size = store.chunk_size
+            self.exceptions = ExceptionTable.from_sorted(store.exceptions())
+        else:
+            self.chunk_size = 0
+        self.device = MappedDevice(self.name, SnapshotTarget(self, readonly=config.readonly))
+
+    @property
+    def readonly(self) -> bool:
+        return self.device.table.readonly
+
+    @property
+    def overflow(self) -> bool:
+        return self.store is not None and self.store.overflow
+
+    def chunk_range(self, start: int, end: int) -> tuple[int, int]:
+        """Chunks [c0, c1) covering bytes [start, end), clipped to the snapshot's size."""
+        end = min(end, self.size)
+        cs = self.chunk_size
+        return start // cs, -(-end // cs)
+
+    def chunk_bytes(self, old: int, count: int) -> int:
+        """Bytes of `count` chunks from `old` that lie inside the snapshot."""
+        start = old * self.chunk_size
+        return max(0, min(count * self.chunk_size, self.size - start))
+
+    # -- invalidation -------------------------------------------------------
+
+    def invalidate(self, reason: str) -> None:
+        """Mark invalid now (I/O fails from here on) and persist it in the background."""
+        if not self.valid:
+            return
+        self.valid = False
+        self.invalid_reason = reason
+        log.error("snapshot %s invalidated: %s", self.name, reason)
+        if self.store is not None:
+            self.invalid_durable = trio.Event()
+            self.origin.nursery.start_soon(self._persist_invalid)
+
+    async def _persist_invalid(self) -> None:
+        # In the store's header, and through the event in the owner's
+        # metadata: the store that just failed may not be able to write
+        # its own header.
+        try:
+            await self.store.drop_snapshot()
+        except Exception as e:  # the in-memory state is already invalid
+            log.error("snapshot %s: could not persist the invalid flag in its store: %s", self.name, e)
+        try:
+            await self.origin.raise_event(SnapshotInvalidated(self, self.invalid_reason))
+        finally:
+            self.invalid_durable.set()
+
+    # -- pending exceptions ----------------------------------------------------
+
+    def new_pending(self, old: int, count: int, full: bool = False) -> list[PendingException]:
+        """Allocate COW chunks for [old, old+count) as pending exceptions.
+
+        Raises:
+          StoreFull: the store could not give even one chunk.
+        """
+        out = []
+        while count > 0:
+            try:
+                run = self.store.prepare_exception(count)
+            except StoreFull:
+                for pe in out:  # roll back: nothing half-done
+                    self.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
+                    self.pending.discard(pe)
+                raise
+            pe = PendingException(self, old, run.new, run.count, full)
+            self.pending.add(pe)
+            out.append(pe)
+            old += run.count
+            count -= run.count
+        return out
+
+    async def complete_pending(self, pes: list[PendingException], error: int | None) -> None:
+        """Commit (or fail) pending exceptions whose COW data is in place.
+
+        This is dm's complete_exception -> commit_exception ->
+        pending_complete: the record is durable before the exception enters
+        the completed table, and reads of the origin chunk still in flight
+        drain before waiters (the held origin writes) are released.
+        """
+        if error is None and self.valid:
+            try:
+                await self.store.commit_exceptions([ExceptionRun(pe.old, pe.new, pe.count) for pe in pes])
+            except DmError as e:
+                error = e.errno
+                self.invalidate(f"exception store commit failed: {e}")
+        elif error is not None:
+            self.invalidate(f"copy to the exception store failed: {os.strerror(error)}")
+        if error is None and self.valid:
+            for pe in pes:
+                # New reads go to the COW copy from here on ("do not starve").
+                self.exceptions.insert(pe.old, pe.new, pe.count)
+            for pe in pes:
+                await self.tracked.wait_clear(pe.old, pe.count)
+        elif error is None:
+            error = errno.EIO
+        if not self.valid:
+            # dm's __invalidate_snapshot writes the header before the held
+            # origin writes are retried: the chunk must not change while a
+            # crash could still bring this snapshot back as valid.
+            await self.invalid_durable.wait()
+        for pe in pes:
+            self.pending.discard(pe)
+            pe.error = error
+            pe.done.set()
+        self.origin.cow_progressed()
+
+    # -- reporting ----------------------------------------------------------
+
+    def info(self) -> dict:
+        data_percent = None
+        if self.store is not None and self.valid:
+            a, t, m = self.store.usage()
+            data_percent = round(100.0 * a / t, 2) if t else 0.0
+        return {
+            "name": self.name, "file": self.filename, "origin": self.origin.name,
+            "size": self.size, "chunk_size": self.chunk_size,
+            "cow_size": self.store.cow_size if self.store else 0,
+            "store": self.config.store, "data_percent": data_percent,
+            "state": self.state(), "readonly": self.readonly,
+            "exceptions": len(self.exceptions), "pending": len(self.pending),
+            "store_stats": self.store.stats() if self.store is not None else None,
+        }
+
+    def state(self) -> str:
+        if not self.valid:
+            return "Invalid"
+        if self.overflow:
+            return "Overflow"
+        return "active"
+
+

@@ -1,0 +1,183 @@
+"""Snapshots: take, delete, make read-only or writable, grow the COW store.
+
+What lvcreate -s, lvremove, lvchange -p and lvextend do to a classic
+snapshot.  Every change holds the origin's config_lock; a change of what
+origin writes must do happens with the origin device suspended, so a
+snapshot becomes active, or goes away, between two origin writes, never
+during one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from store import SECTOR, StoreType, create_store, remove_store
+
+from ..dm import Origin, Snapshot, SnapshotConfig, SnapshotTarget
+from ..errors import DmError
+from .handover import handover
+from .names import check_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import Pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SnapshotSpec:
+    """What a new snapshot should be (`user.dmfs.snapshot`'s value, parsed).
+
+    Attributes:
+      name: snapshot name (the file becomes ``ORIGIN@NAME.img``).
+      chunk_size: bytes per chunk, a power of two in 512..1G.
+      cow_size: COW store capacity in bytes; None means room for every
+        origin chunk.
+      store: P persistent, PO persistent with overflow, N transient.
+      discard_zeroes_cow, discard_passdown_origin: dm's discard features.
+    """
+
+    name: str
+    chunk_size: int = 4096
+    cow_size: int | None = None
+    store: StoreType = StoreType.P
+    discard_zeroes_cow: bool = False
+    discard_passdown_origin: bool = False
+
+
+
+async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Snapshot:
+    """Take a point-in-time snapshot of `origin`.
+
+    The store is created first; then, with the origin suspended (no
+    write in flight, none admitted), the snapshot is registered and
+    the metadata saved.  Writes acknowledged before this returns are
+    in the snapshot; writes after it are not.
+
+    Raises:
+      DmError(EEXIST): the name is taken; EINVAL: bad spec.
+    """
+    check_name(spec.name, "snapshot name")
+    store_type = StoreType.parse(spec.store)
+    async with origin.config_lock:
+        if pool.lookup(origin.filename) is not origin:
+            raise DmError(errno.ENOENT, f"{origin.filename} is gone")
+        if any(s.snap_name == spec.name for s in origin.snapshots):
+            raise DmError(errno.EEXIST, f"{origin.name}@{spec.name}.img already exists")
+        if origin.size == 0:
+            raise DmError(errno.EINVAL, f"{origin.filename} is empty; give it a size first")
+        if origin.merge is not None:
+            raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
+                          "snapshots of a merging origin are not supported")
+        cow_size = spec.cow_size if spec.cow_size is not None else default_cow_size(origin, spec.chunk_size)
+        base = pool._store_base(origin.name, spec.name)
+        await remove_store(base)  # leftovers of a crash mid-create
+        store = await create_store(base, type_name=store_type, chunk_size=spec.chunk_size, cow_size=cow_size,
+                                   spawn=pool.nursery.start_soon)
+        cfg = SnapshotConfig(store=store_type, discard_zeroes_cow=spec.discard_zeroes_cow,
+                             discard_passdown_origin=spec.discard_passdown_origin)
+        snap = Snapshot(origin, spec.name, store, origin.size, cfg)
+        try:
+            await origin.device.suspend()
+            try:
+                origin.register(snap)
+                try:
+                    await pool.save_origin(origin)
+                except BaseException:
+                    origin.unregister(snap)
+                    raise
+            finally:
+                origin.device.resume()
+        except BaseException:
+            await store.destroy()
+            raise
+    log.info("created snapshot %s (chunk %d, cow %d, store %s)", snap.name, snap.chunk_size, cow_size,
+             store_type.value)
+    return snap
+
+
+def default_cow_size(origin: Origin, chunk_size: int) -> int:
+    """Room for every origin chunk plus header and metadata areas: such a
+    snapshot cannot overflow from origin writes (dmtest's
+    max_snapshot_size does the same sum)."""
+    nr_chunks = -(-origin.size // chunk_size)
+    epa = chunk_size // 16
+    nr_areas = -(-(nr_chunks + 1) // epa)
+    return chunk_size * (1 + nr_areas + nr_chunks + 1)
+
+
+async def delete_snapshot(pool: Pool, snap: Snapshot) -> None:
+    """Remove a snapshot and its store.
+
+    Raises:
+      DmError(EBUSY): the snapshot is open.
+    """
+    origin = snap.origin
+    async with origin.config_lock:
+        if snap not in origin.snapshots:
+            raise DmError(errno.ENOENT, f"{snap.filename} is gone")
+        if snap.open_count:
+            raise DmError(errno.EBUSY, f"{snap.filename} is open; close it (losetup -d?) first")
+        await origin.device.suspend(flush=False)
+        try:
+            origin.unregister(snap)
+            try:
+                await pool.save_origin(origin)
+            except BaseException:
+                origin.register(snap)
+                raise
+        finally:
+            origin.device.resume()
+        await snap.device.suspend(flush=False)
+        if snap.store is not None:
+            await snap.store.destroy()
+        else:
+            await remove_store(pool._store_base(origin.name, snap.snap_name))
+    log.info("deleted snapshot %s", snap.name)
+
+
+async def set_readonly(pool: Pool, snap: Snapshot, readonly: bool) -> None:
+    """Load a read-only (or writable) snapshot table, handing the
+    exception store over to the new target instance."""
+    if snap.readonly == readonly:
+        return
+    origin = snap.origin
+    async with origin.config_lock:
+        old = snap.device.table
+
+        async def change():
+            snap.device.swap_table(SnapshotTarget(snap, readonly=readonly))
+            try:
+                await pool.save_origin(origin)
+            except BaseException:
+                snap.device.swap_table(old)
+                raise
+        await handover(snap, change)
+    snap.mtime_ns = time.time_ns()
+    log.info("snapshot %s is now %s", snap.name, "read-only" if readonly else "writable")
+
+
+async def set_cow_size(pool: Pool, snap: Snapshot, nbytes: int) -> None:
+    """Grow a snapshot's exception store.
+
+    Raises:
+      DmError(EINVAL): shrinking below what is in use; EIO: invalid snapshot.
+    """
+    if snap.store is None or not snap.valid:
+        raise DmError(errno.EIO, f"{snap.filename} is invalid")
+    if nbytes % SECTOR:
+        raise DmError(errno.EINVAL, f"cow_size {nbytes} is not a multiple of {SECTOR}")
+    origin = snap.origin
+    async with origin.config_lock:
+        old = snap.device.table
+
+        async def change():
+            # A reload with a bigger COW device, as lvextend does.
+            await snap.store.set_cow_size(nbytes)
+            snap.device.swap_table(SnapshotTarget(snap, readonly=old.readonly))
+        await handover(snap, change)
+    log.info("snapshot %s: cow_size is now %d", snap.name, nbytes)

@@ -12,9 +12,8 @@ from typing import Callable
 
 import trio
 
-from dmfs.errors import DmError
-
 from .base import ExceptionStore
+from .errors import DmError
 from .persistent import LOG_COMPACT_SUFFIX, PersistentStore
 from .transient import TransientStore
 

@@ -30,9 +30,12 @@ copy would double the memory).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import errno
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .errors import DmError
 
 SECTOR = 512
 
@@ -155,15 +158,11 @@ class ExceptionStore(abc.ABC):
         Raises:
           DmError(EINVAL): this store cannot merge (transient).
         """
-        import errno
-        from dmfs.errors import DmError
         raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
 
     async def commit_merge(self, merged: Sequence[ExceptionRun]) -> None:
         """Durably forget the runs `merged`, whose data the caller copied
         into the origin and flushed there first: all of them or none."""
-        import errno
-        from dmfs.errors import DmError
         raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
 
     # -- state -----------------------------------------------------------

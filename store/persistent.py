@@ -52,12 +52,11 @@ from typing import Callable
 
 import trio
 
-from dmfs.errors import DmError, SnapshotInvalid
-
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
 from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
+from .errors import DmError, SnapshotInvalid
 from .fileio import OS_IO, FileIO
 
 log = logging.getLogger(__name__)

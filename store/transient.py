@@ -16,10 +16,9 @@ from array import array
 
 import trio
 
-from dmfs.errors import DmError, SnapshotInvalid
-
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .chunks import ChunkAllocator
+from .errors import DmError, SnapshotInvalid
 from .persistent import check_geometry
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,19 @@
 """Exception stores: where a snapshot keeps its COW chunks and their mapping.
 
 `create_store` / `open_store` pick the class from the dm table's store
-type: "P" and "PO" are persistent (`PersistentStore`), "N" is transient
-(`TransientStore`).
+type (`StoreType`): "P" and "PO" are persistent (`PersistentStore`), "N"
+is transient (`TransientStore`).
 
-The names below are imported on first use: the stores need trio, msgpack
-and xxhash, and a module that needs only the store's errors must not pay
-for them (`import dmfs` stays light).
+The names in `_EXPORTS` are imported on first use: the stores need trio,
+msgpack and xxhash, and a module that needs only the store's errors or
+types must not pay for them (`import dmfs` stays light).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from .types import StoreType as StoreType
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -20,14 +22,13 @@ _EXPORTS = {
     "ExceptionStore": "base",
     "PersistentStore": "persistent",
     "TransientStore": "transient",
-    "STORE_CLASSES": "_factory",
     "store_class": "_factory",
     "create_store": "_factory",
     "open_store": "_factory",
     "remove_store": "_factory",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = ["StoreType", *_EXPORTS]
 
 
 def __getattr__(name: str) -> object:

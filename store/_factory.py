@@ -1,27 +1,20 @@
 """The store of a dm table's store type: pick its class, create, open, remove.
 
-"P" and "PO" are persistent (`PersistentStore`), "N" is transient
-(`TransientStore`).  Re-exported by the `store` package.
+Persistent types ("P", "PO") get a `PersistentStore`, "N" a
+`TransientStore` (`StoreType`).  Re-exported by the `store` package.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Callable
 
 import trio
 
 from .base import ExceptionStore
-from .errors import DmError
 from .persistent import LOG_COMPACT_SUFFIX, PersistentStore
 from .transient import TransientStore
-
-STORE_CLASSES: dict[str, type[ExceptionStore]] = {
-    "P": PersistentStore,
-    "PO": PersistentStore,
-    "N": TransientStore,
-}
+from .types import StoreType
 
 
 def store_class(type_name: str) -> type[ExceptionStore]:
@@ -30,10 +23,7 @@ def store_class(type_name: str) -> type[ExceptionStore]:
     Raises:
       DmError(EINVAL): an unknown type.
     """
-    try:
-        return STORE_CLASSES[type_name.upper()]
-    except (KeyError, AttributeError):
-        raise DmError(errno.EINVAL, f"unknown exception store type {type_name!r}") from None
+    return PersistentStore if StoreType.parse(type_name).persistent else TransientStore
 
 
 async def create_store(base_path: str, *, type_name: str, chunk_size: int,
@@ -48,12 +38,12 @@ async def create_store(base_path: str, *, type_name: str, chunk_size: int,
       DmError(EINVAL): unknown type, bad chunk_size or cow_size.
       DmError(EEXIST): a store already exists there.
     """
-    cls = store_class(type_name)
-    if cls is PersistentStore:
-        return await cls.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
-                                type_name=type_name.upper(), spawn=spawn)
-    return await cls.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
-                            type_name=type_name.upper())
+    kind = StoreType.parse(type_name)
+    if kind.persistent:
+        return await PersistentStore.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
+                                            type_name=kind.value, spawn=spawn)
+    return await TransientStore.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
+                                       type_name=kind.value)
 
 
 async def open_store(base_path: str, type_name: str,
@@ -72,13 +62,13 @@ async def open_store(base_path: str, type_name: str,
         do not survive).
       DmError(EIO): the store cannot be read.
     """
-    type_name = type_name.upper() if isinstance(type_name, str) else type_name
-    cls = store_class(type_name)
-    store = await (cls.open(base_path, spawn=spawn) if cls is PersistentStore
-                   else cls.open(base_path))
-    if isinstance(store, PersistentStore) and store.type_name != type_name:
+    kind = StoreType.parse(type_name)
+    if not kind.persistent:
+        return await TransientStore.open(base_path)
+    store = await PersistentStore.open(base_path, spawn=spawn)
+    if store.type_name != kind:
         try:
-            await store.set_type_name(type_name)
+            await store.set_type_name(kind.value)
         except BaseException:
             await store.close()
             raise

@@ -52,7 +52,7 @@ class ExceptionStore(abc.ABC):
     """One snapshot's exception store.
 
     Attributes:
-      type_name: "P", "PO" or "N" as in a dm table line.
+      type_name: "P", "PO" or "N" as in a dm table line (a `StoreType` value).
       chunk_size: bytes per chunk (a power of two, >= 512).
       cow_size: capacity of the store in bytes (what `dmsetup status`
         calls total sectors * 512).

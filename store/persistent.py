@@ -58,6 +58,7 @@ from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient s
 from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
 from .errors import DmError, SnapshotInvalid
 from .fileio import OS_IO, FileIO
+from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class PersistentStore(ExceptionStore):
           DmError(errno): creating the files failed.
         """
         io = io or OS_IO
-        if type_name not in fmt.STORE_TYPES:
+        if type_name not in PERSISTENT_TYPES:
             raise DmError(errno.EINVAL, f"persistent store type must be P or PO, not {type_name!r}")
         check_geometry(chunk_size, cow_size, 3)
         hdr = fmt.Header(uuid=os.urandom(16), gen=1, chunk_size=chunk_size,
@@ -357,7 +358,7 @@ class PersistentStore(ExceptionStore):
                 hdr, slot = fmt.pick_header(buf[:fmt.HEADER_AREA])
             except fmt.FormatError as e:
                 raise DmError(errno.EIO, f"no valid header in {log_path}: {e}") from None
-            if hdr.type_name not in fmt.STORE_TYPES:
+            if hdr.type_name not in PERSISTENT_TYPES:
                 raise DmError(errno.EIO, f"{log_path}: unknown store type {hdr.type_name!r}")
             try:
                 check_geometry(hdr.chunk_size, hdr.cow_size, 3)
@@ -1034,7 +1035,7 @@ class PersistentStore(ExceptionStore):
           DmError(EINVAL): not "P" or "PO".
           DmError(EIO): the header could not be written.
         """
-        if type_name not in fmt.STORE_TYPES:
+        if type_name not in PERSISTENT_TYPES:
             raise DmError(errno.EINVAL, f"persistent store type must be P or PO, not {type_name!r}")
         try:
             await self._persist_header(type_name=type_name)

@@ -116,16 +116,6 @@ def write_header_slots(io: FileIO, log_fd: int, new: fmt.Header, slot: int) -> t
     return mirror, 1 - slot
 
 
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """os.pwrite until everything is written (pwrite may write less)."""
-    OS_IO.pwrite_all(fd, data, offset)
-
-
-def fsync_dir(path: str) -> None:
-    """fsync the directory holding `path`, so a create/unlink is durable."""
-    OS_IO.fsync_dir(path)
-
-
 # -- the store -------------------------------------------------------------
 
 @dataclass(eq=False)

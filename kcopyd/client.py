@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .region import Region
+from dmio import Region, pwrite_all
+
 from .throttle import Throttle
 
 __all__ = ["CopyResult", "KcopydClient", "MAX_REGIONS", "SPLIT_COUNT"]
@@ -576,20 +577,11 @@ def _copy_buffered(
             if data is None:
                 _write_zeroes(dst.fd, dst.offset + rel, length)
             else:
-                _pwrite_all(dst.fd, data, dst.offset + rel)
+                pwrite_all(dst.fd, data, dst.offset + rel)
         except OSError as e:
             # One failing destination (snapshot) must not stop the others.
             write_errors[index] = e.errno or errno.EIO
     return None, write_errors
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "pwrite made no progress")
-        data = data[written:]
-        offset += written
 
 
 def _write_zeroes(fd: int, offset: int, n: int) -> None:
@@ -597,6 +589,6 @@ def _write_zeroes(fd: int, offset: int, n: int) -> None:
     zeroes = memoryview(_ZEROES)
     while n:
         piece = min(n, len(_ZEROES))
-        _pwrite_all(fd, zeroes[:piece], offset)
+        pwrite_all(fd, zeroes[:piece], offset)
         offset += piece
         n -= piece

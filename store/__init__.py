@@ -1,106 +1,46 @@
 """Exception stores: where a snapshot keeps its COW chunks and their mapping.
 
 `create_store` / `open_store` pick the class from the dm table's store
-type: "P" and "PO" are persistent (`PersistentStore`), "N" is transient
-(`TransientStore`).
+type (`StoreType`): "P" and "PO" are persistent (`PersistentStore`), "N"
+is transient (`TransientStore`).
+
+The names in `_EXPORTS` are imported on first use: the stores need trio,
+msgpack and xxhash, and a module that needs only the store's errors or
+types must not pay for them (`import dmfs` stays light).
 """
 
 from __future__ import annotations
 
-import errno
-import logging
-import os
-from typing import Callable
+import importlib
 
-import trio
+from .types import StoreType as StoreType
 
-from dmfs.errors import DmError
-
-from .base import SECTOR as SECTOR
-from .base import ExceptionRun as ExceptionRun
-from .base import ExceptionStore as ExceptionStore
-from .persistent import LOG_COMPACT_SUFFIX
-from .persistent import PersistentStore as PersistentStore
-from .transient import TransientStore as TransientStore
-
-log = logging.getLogger(__name__)
-
-STORE_CLASSES: dict[str, type[ExceptionStore]] = {
-    "P": PersistentStore,
-    "PO": PersistentStore,
-    "N": TransientStore,
+# public name -> the module that defines it
+_EXPORTS = {
+    "SECTOR": "base",
+    "ExceptionRun": "base",
+    "ExceptionStore": "base",
+    "PersistentStore": "persistent",
+    "TransientStore": "transient",
+    "store_class": "_factory",
+    "create_store": "_factory",
+    "open_store": "_factory",
+    "remove_store": "_factory",
 }
 
+__all__ = ["StoreType", *_EXPORTS]
 
-def store_class(type_name: str) -> type[ExceptionStore]:
-    """The class for a table's store type ("P", "PO", "N"; any case, as dm accepts).
 
-    Raises:
-      DmError(EINVAL): an unknown type.
-    """
+def __getattr__(name: str) -> object:
+    """Import the module defining `name` (PEP 562) and keep the value here."""
     try:
-        return STORE_CLASSES[type_name.upper()]
-    except (KeyError, AttributeError):
-        raise DmError(errno.EINVAL, f"unknown exception store type {type_name!r}") from None
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-async def create_store(base_path: str, *, type_name: str, chunk_size: int,
-                       cow_size: int, spawn: Callable[..., object] | None = None) -> ExceptionStore:
-    """Create and open a new store of `type_name` at `base_path`.
-
-    Args:
-      spawn: a nursery's `start_soon` for a persistent store's background
-        work (online log compaction; see `PersistentStore.create`).
-
-    Raises:
-      DmError(EINVAL): unknown type, bad chunk_size or cow_size.
-      DmError(EEXIST): a store already exists there.
-    """
-    cls = store_class(type_name)
-    if cls is PersistentStore:
-        return await cls.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
-                                type_name=type_name.upper(), spawn=spawn)
-    return await cls.create(base_path, chunk_size=chunk_size, cow_size=cow_size,
-                            type_name=type_name.upper())
-
-
-async def open_store(base_path: str, type_name: str,
-                     spawn: Callable[..., object] | None = None) -> ExceptionStore:
-    """Open the existing store at `base_path` for a table with `type_name`.
-
-    A persistent store switches between "P" and "PO" to match the table
-    (the header records the switch).
-
-    Args:
-      spawn: as for `create_store`.
-
-    Raises:
-      DmError(EINVAL): unknown type.
-      DmError(ENOENT): no store there (always for "N": transient stores
-        do not survive).
-      DmError(EIO): the store cannot be read.
-    """
-    type_name = type_name.upper() if isinstance(type_name, str) else type_name
-    cls = store_class(type_name)
-    store = await (cls.open(base_path, spawn=spawn) if cls is PersistentStore
-                   else cls.open(base_path))
-    if isinstance(store, PersistentStore) and store.type_name != type_name:
-        try:
-            await store.set_type_name(type_name)
-        except BaseException:
-            await store.close()
-            raise
-    return store
-
-
-async def remove_store(base_path: str) -> None:
-    """Delete whatever files a store at `base_path` left (.cow, .log, and a
-    leftover of an interrupted log compaction); no error if none."""
-    def unlink() -> None:
-        for suffix in (".cow", ".log", LOG_COMPACT_SUFFIX):
-            try:
-                os.unlink(base_path + suffix)
-            except FileNotFoundError:
-                pass
-
-    await trio.to_thread.run_sync(unlink)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

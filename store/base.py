@@ -30,9 +30,12 @@ copy would double the memory).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import errno
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .errors import DmError
 
 SECTOR = 512
 
@@ -49,7 +52,7 @@ class ExceptionStore(abc.ABC):
     """One snapshot's exception store.
 
     Attributes:
-      type_name: "P", "PO" or "N" as in a dm table line.
+      type_name: "P", "PO" or "N" as in a dm table line (a `StoreType` value).
       chunk_size: bytes per chunk (a power of two, >= 512).
       cow_size: capacity of the store in bytes (what `dmsetup status`
         calls total sectors * 512).
@@ -155,15 +158,11 @@ class ExceptionStore(abc.ABC):
         Raises:
           DmError(EINVAL): this store cannot merge (transient).
         """
-        import errno
-        from dmfs.errors import DmError
         raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
 
     async def commit_merge(self, merged: Sequence[ExceptionRun]) -> None:
         """Durably forget the runs `merged`, whose data the caller copied
         into the origin and flushed there first: all of them or none."""
-        import errno
-        from dmfs.errors import DmError
         raise DmError(errno.EINVAL, f"a {self.type_name} store does not support snapshot-merge")
 
     # -- state -----------------------------------------------------------

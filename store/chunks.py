@@ -24,9 +24,8 @@ from itertools import compress, repeat
 from operator import add, itemgetter, mul, sub
 from typing import Iterable
 
-from dmfs.errors import StoreFull
-
 from .base import ExceptionRun
+from .errors import StoreFull
 
 
 def coalesce(runs: Iterable[ExceptionRun]) -> list[ExceptionRun]:

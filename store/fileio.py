@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from dmio import pwrite_all
+
 
 class FileIO:
     """The `os` calls a store makes.  Replace any of them in a subclass.
@@ -53,11 +55,9 @@ class FileIO:
     # -- helpers built on the primitives ----------------------------------
 
     def pwrite_all(self, fd: int, data, offset: int) -> None:
-        """pwrite until everything is written (pwrite may write less)."""
-        view = memoryview(data)
-        while view:
-            n = self.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        """pwrite until everything is written (`dmio.pwrite_all` with this
+        object's pwrite)."""
+        pwrite_all(fd, data, offset, self.pwrite)
 
     def pread_all(self, fd: int, n: int, offset: int) -> bytes:
         """`n` bytes at `offset` (fewer only at the end of the file)."""

@@ -33,6 +33,7 @@ import xxhash
 
 from .base import ExceptionRun
 from .chunks import ChunkAllocator, check_layout, extend_runs, remove_run
+from .types import PERSISTENT_TYPES
 
 MAGIC = "dmfsSnAp"
 VERSION = 1
@@ -50,7 +51,8 @@ MAX_PAYLOAD = 64 << 20
 # Keeps one exception record far below MAX_PAYLOAD (a run is <= 28 bytes).
 MAX_RUNS_PER_RECORD = 100_000
 
-STORE_TYPES = ("P", "PO")
+# The store types a header may hold (`dmfs check` reads them here).
+STORE_TYPES = PERSISTENT_TYPES
 
 # Compaction (FORMAT.md "Compaction"): at open, a record costs ~3.5 us to
 # check and decode however few runs it carries, while writing a run again

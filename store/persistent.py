@@ -52,13 +52,13 @@ from typing import Callable
 
 import trio
 
-from dmfs.errors import DmError, SnapshotInvalid
-
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
 from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
+from .errors import DmError, SnapshotInvalid
 from .fileio import OS_IO, FileIO
+from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,6 @@ def write_header_slots(io: FileIO, log_fd: int, new: fmt.Header, slot: int) -> t
         log.warning("header slot %s not updated (slot %s is): %s", "AB"[1 - slot], "AB"[slot], e)
         return new, slot
     return mirror, 1 - slot
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """os.pwrite until everything is written (pwrite may write less)."""
-    OS_IO.pwrite_all(fd, data, offset)
-
-
-def fsync_dir(path: str) -> None:
-    """fsync the directory holding `path`, so a create/unlink is durable."""
-    OS_IO.fsync_dir(path)
 
 
 # -- the store -------------------------------------------------------------
@@ -254,7 +244,7 @@ class PersistentStore(ExceptionStore):
           DmError(errno): creating the files failed.
         """
         io = io or OS_IO
-        if type_name not in fmt.STORE_TYPES:
+        if type_name not in PERSISTENT_TYPES:
             raise DmError(errno.EINVAL, f"persistent store type must be P or PO, not {type_name!r}")
         check_geometry(chunk_size, cow_size, 3)
         hdr = fmt.Header(uuid=os.urandom(16), gen=1, chunk_size=chunk_size,
@@ -358,7 +348,7 @@ class PersistentStore(ExceptionStore):
                 hdr, slot = fmt.pick_header(buf[:fmt.HEADER_AREA])
             except fmt.FormatError as e:
                 raise DmError(errno.EIO, f"no valid header in {log_path}: {e}") from None
-            if hdr.type_name not in fmt.STORE_TYPES:
+            if hdr.type_name not in PERSISTENT_TYPES:
                 raise DmError(errno.EIO, f"{log_path}: unknown store type {hdr.type_name!r}")
             try:
                 check_geometry(hdr.chunk_size, hdr.cow_size, 3)
@@ -1035,7 +1025,7 @@ class PersistentStore(ExceptionStore):
           DmError(EINVAL): not "P" or "PO".
           DmError(EIO): the header could not be written.
         """
-        if type_name not in fmt.STORE_TYPES:
+        if type_name not in PERSISTENT_TYPES:
             raise DmError(errno.EINVAL, f"persistent store type must be P or PO, not {type_name!r}")
         try:
             await self._persist_header(type_name=type_name)

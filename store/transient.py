@@ -16,11 +16,11 @@ from array import array
 
 import trio
 
-from dmfs.errors import DmError, SnapshotInvalid
-
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .chunks import ChunkAllocator
+from .errors import DmError, SnapshotInvalid
 from .persistent import check_geometry
+from .types import StoreType
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class TransientStore(ExceptionStore):
         aborted chunks are reused first.
     """
 
-    type_name = "N"
+    type_name = StoreType.N.value
 
     def __init__(self, base_path: str, chunk_size: int, cow_size: int, cow_fd: int):
         self.base_path = base_path
@@ -64,7 +64,7 @@ class TransientStore(ExceptionStore):
           DmError(EEXIST): the .cow file exists.
           DmError(errno): creating the file failed.
         """
-        if type_name != "N":
+        if type_name != StoreType.N:
             raise DmError(errno.EINVAL, f"transient store type must be N, not {type_name!r}")
         check_geometry(chunk_size, cow_size, 1)
         cow_path = base_path + ".cow"

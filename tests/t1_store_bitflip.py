@@ -26,10 +26,10 @@ import random
 
 import pytest
 
-from dmfs.errors import DmError
 from store import PersistentStore
 from store import format as fmt
 from store.base import ExceptionRun
+from store.errors import DmError
 
 SLOW = os.environ.get("DMFS_SLOW") == "1"
 CS = 4096

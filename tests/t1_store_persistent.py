@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from dmfs.errors import DmError, SnapshotInvalid, StoreFull
 from store import PersistentStore, create_store, open_store, remove_store
 from store import format as fmt
 from store.base import ExceptionRun
+from store.errors import DmError, SnapshotInvalid, StoreFull
 from store.fileio import FileIO
 from store.persistent import LOG_COMPACT_SUFFIX
 

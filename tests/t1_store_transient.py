@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from dmfs.errors import DmError, SnapshotInvalid, StoreFull
 from store import TransientStore, create_store, open_store
 from store.base import ExceptionRun
+from store.errors import DmError, SnapshotInvalid, StoreFull
 
 K4 = 4096
 G1 = 1 << 30

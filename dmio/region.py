@@ -1,4 +1,4 @@
-"""Regions: the unit kcopyd copies from and to.
+"""Regions: the unit dm-io reads and writes, and kcopyd copies from and to.
 
 A region is the userspace `struct dm_io_region`: an open file descriptor
 (the kernel's block device) plus a byte range on it.  kcopyd never opens or

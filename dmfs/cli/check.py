@@ -44,6 +44,7 @@ from operator import add
 from typing import TextIO
 
 from store import StoreType
+from store.types import PERSISTENT_TYPES
 from store import format as fmt
 from store.fileio import OS_IO
 from store.persistent import LOG_COMPACT_SUFFIX, check_geometry, write_header_slots
@@ -315,11 +316,11 @@ def _mend_header_slot(log_path: str, hdr: fmt.Header, cur: int, why: str, report
 
 def _check_header_state(hdr: fmt.Header, report: Report, subject: str,
                         expect_chunk: int | None, expect_type: str | None) -> None:
-    if hdr.type_name not in fmt.STORE_TYPES:
+    if hdr.type_name not in PERSISTENT_TYPES:
         report.error(subject, f"unknown store type {hdr.type_name!r} in the header")
     if expect_chunk is not None and expect_chunk != hdr.chunk_size:
         report.error(subject, f"chunk size {hdr.chunk_size} in the header, {expect_chunk} in the origin's .json")
-    if expect_type in fmt.STORE_TYPES and expect_type != hdr.type_name:
+    if expect_type in PERSISTENT_TYPES and expect_type != hdr.type_name:
         report.info(subject, f"header says {hdr.type_name}, the table {expect_type}: switched on mount")
     if not hdr.valid:
         report.warning(subject, "marked Invalid: reads and writes fail (EIO); it can only be deleted")

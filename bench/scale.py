@@ -58,7 +58,7 @@ if __package__ in (None, ""):   # `python bench/scale.py`: make `dmfs` and `stor
 
 import trio  # noqa: E402
 
-from dmfs.control import SnapshotSpec  # noqa: E402
+from dmfs.pool import SnapshotSpec  # noqa: E402
 from dmfs.pool import Pool  # noqa: E402
 from store.base import ExceptionRun  # noqa: E402
 from store.fileio import FileIO  # noqa: E402

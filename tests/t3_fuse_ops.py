@@ -16,7 +16,8 @@ import pytest
 from pyfuse3 import FUSEError
 
 from dmfs.fuse import operations as fuse_ops
-from dmfs.fuse.operations import ROOT_INODE, Operations
+from dmfs.fuse.inodes import ROOT_INODE
+from dmfs.fuse.operations import Operations
 from dmfs.pool import Pool
 
 MiB = 1 << 20

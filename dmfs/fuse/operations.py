@@ -6,11 +6,8 @@ and `DmError` <-> `FUSEError`.  It does no chunk math and keeps no state
 but the inode table and the open file handles.
 
 The mount is one flat directory (inode 1) of regular files, one per
-volume: ``NAME.img`` (origin) and ``NAME@SNAP.img`` (snapshot).  A
-volume's inode number is assigned the first time the kernel sees it and
-stays the same for the life of the mount; the number of a deleted volume
-is never handed out again, so a stale kernel inode can never alias a new
-volume of the same name.
+volume: ``NAME.img`` (origin) and ``NAME@SNAP.img`` (snapshot); their
+inode numbers and attributes come from inodes.py.
 
 pyfuse3 tears the whole daemon down when a handler raises anything but
 `FUSEError` (its request loop re-raises anything else out of `pyfuse3.main`),
@@ -23,7 +20,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import time
 
 import pyfuse3
@@ -32,18 +28,11 @@ from pyfuse3 import FUSEError
 
 from . import control
 from ..errors import DmError
+from .inodes import BLOCK_SIZE, ROOT_INODE, InodeTable, root_attributes, volume_attributes
 
 log = logging.getLogger(__name__)
 
-ROOT_INODE = pyfuse3.ROOT_INODE
-BLOCK_SIZE = 4096
 IMG_SUFFIX = ".img"
-
-# Volumes appear and vanish behind the kernel's back (snapshot creation
-# through setxattr, later merge), so the kernel caches names and sizes
-# only briefly.  Lookups are cheap; stale sizes are not.
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
 
 
 # Handlers whose first argument is a file handle, and those whose second
@@ -103,9 +92,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, pool):
         super().__init__()
         self.pool = pool
-        self._ino_by_name: dict[str, int] = {}
-        self._name_by_ino: dict[int, str] = {}
-        self._next_ino = ROOT_INODE + 1
+        self._inodes = InodeTable()
         self._open: dict[int, _OpenFile] = {}
         self._dirs: dict[int, list[str]] = {}
         self._next_fh = 1
@@ -125,70 +112,28 @@ class Operations(pyfuse3.Operations):
                 return os.fsdecode(args[1])
             if args and args[0] == ROOT_INODE:
                 return "/"
-            return self._name_by_ino.get(args[0], f"inode {args[0]}")
+            return self._inodes.name(args[0]) or f"inode {args[0]}"
         except Exception:
             return "?"
 
-    def _inode_of(self, filename: str) -> int:
-        ino = self._ino_by_name.get(filename)
-        if ino is None:
-            ino = self._next_ino
-            self._next_ino += 1
-            self._ino_by_name[filename] = ino
-            self._name_by_ino[ino] = filename
-        return ino
-
-    def _retire(self, filename: str) -> None:
-        """Forget `filename`'s inode for good (it is never reused)."""
-        ino = self._ino_by_name.pop(filename, None)
-        if ino is not None:
-            self._name_by_ino.pop(ino, None)
-
     def _volume(self, inode: int):
         """The volume behind `inode`, or ENOENT."""
-        filename = self._name_by_ino.get(inode)
+        filename = self._inodes.name(inode)
         if filename is None:
             raise FUSEError(errno.ENOENT)
         vol = self.pool.lookup(filename)
         if vol is None:
             # Gone behind our back (e.g. merged away): retire the number.
-            self._retire(filename)
+            self._inodes.retire(filename)
             raise FUSEError(errno.ENOENT)
         return vol
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ROOT_INODE
-        a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
-        a.st_mode = stat.S_IFDIR | 0o755
-        a.st_nlink = 2
-        a.st_uid = self._uid
-        a.st_gid = self._gid
-        a.st_rdev = 0
-        a.st_size = 0
-        a.st_blksize = BLOCK_SIZE
-        a.st_blocks = 0
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._root_time_ns
-        return a
+        return root_attributes(self._uid, self._gid, self._root_time_ns)
 
     def _attr(self, volume, inode: int | None = None) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode if inode is not None else self._inode_of(volume.filename)
-        a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
-        a.st_mode = stat.S_IFREG | (0o444 if volume.readonly else 0o644)
-        a.st_nlink = 1
-        a.st_uid = self._uid
-        a.st_gid = self._gid
-        a.st_rdev = 0
-        a.st_size = volume.size
-        a.st_blksize = BLOCK_SIZE
-        a.st_blocks = (volume.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = volume.mtime_ns
-        return a
+        ino = inode if inode is not None else self._inodes.number(volume.filename)
+        return volume_attributes(volume, ino, self._uid, self._gid)
 
     def _fh(self, fh: int) -> _OpenFile:
         of = self._open.get(fh)
@@ -226,7 +171,7 @@ class Operations(pyfuse3.Operations):
         filename = os.fsdecode(name)
         vol = self.pool.lookup(filename)
         if vol is None:
-            self._retire(filename)
+            self._inodes.retire(filename)
             # ENOENT rather than a cached negative entry: volumes appear
             # through setxattr without the kernel knowing.
             raise FUSEError(errno.ENOENT)
@@ -333,8 +278,8 @@ class Operations(pyfuse3.Operations):
         vol = await self.pool.create_origin(vname, size=0)
         # A volume of this name may have existed earlier in this mount;
         # its inode number stays retired.
-        self._retire(filename)
-        inode = self._inode_of(vol.filename)
+        self._inodes.retire(filename)
+        inode = self._inodes.number(vol.filename)
         fi = self._do_open(vol, flags)
         return fi, self._attr(vol, inode)
 
@@ -393,7 +338,7 @@ class Operations(pyfuse3.Operations):
             await self.pool.delete_snapshot(vol)
         else:
             await self.pool.delete_origin(vol)
-        self._retire(filename)
+        self._inodes.retire(filename)
 
     @_handler
     async def statfs(self, ctx):
@@ -439,7 +384,7 @@ class Operations(pyfuse3.Operations):
     async def _invalidate_after_merge(self, origin_name: str, snap_name: str) -> None:
         # Not awaited by setxattr: these calls block in the kernel, and the
         # kernel holds the snapshot's inode lock until setxattr returns.
-        ino = self._ino_by_name.get(origin_name)
+        ino = self._inodes.find(origin_name)
         try:
             if ino is not None:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)

@@ -10,9 +10,9 @@ Userspace version of ``drivers/md/dm-kcopyd.c`` as dm-snapshot uses it:
   it finishes one, and the job completes when all of them have.
 * Each job or sub-job is one `trio.to_thread.run_sync` hop (a hop costs about
   60 us, so never one per 4 KiB) bounded by a per-client `trio.CapacityLimiter`.
-  Inside the thread a single destination is copied with `os.copy_file_range`
-  (no Python buffers); several destinations get one `os.preadv` and one
-  `os.pwrite` each.
+  Inside the thread (io.py) a single destination is copied with
+  `os.copy_file_range` (no Python buffers); several destinations get one
+  `os.preadv` and one `os.pwrite` each.
 * COW work in flight is bounded by ``cow_threshold`` counted in chunks (the
   kernel's ``in_progress`` / ``cow_threshold`` of dm-snap.c), and the I/O duty
   cycle by a `Throttle` (``snapshot_copy_throttle``).
@@ -23,18 +23,17 @@ Userspace version of ``drivers/md/dm-kcopyd.c`` as dm-snapshot uses it:
 
 from __future__ import annotations
 
-import errno
 import inspect
 import logging
-import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from dmio import Region, pwrite_all
+from dmio import Region
 
+from . import io
 from .throttle import Throttle
 
 __all__ = ["CopyResult", "KcopydClient", "MAX_REGIONS", "SPLIT_COUNT"]
@@ -48,8 +47,6 @@ SPLIT_COUNT = 8
 #: Worker threads per client unless the caller passes a limiter.
 DEFAULT_THREADS = 8
 
-# Shared, immutable source of zeroes for zero-fill writes (threads only read it).
-_ZEROES = bytes(1 << 20)
 
 
 @dataclass
@@ -368,7 +365,7 @@ class KcopydClient:
                     try:
                         # abandon_on_cancel=False: no I/O runs after the room is given back.
                         outcomes = await trio.to_thread.run_sync(
-                            _batch_io, [(j.src, j.dests) for j in jobs], limiter=self.limiter
+                            io.batch_io, [(j.src, j.dests) for j in jobs], limiter=self.limiter
                         )
                     finally:
                         self.throttle.io_job_finish()
@@ -462,7 +459,7 @@ class KcopydClient:
             # abandon_on_cancel=False (the default): a cancelled job still
             # waits for its thread, so no I/O runs after its room is released.
             read_error, write_errors = await trio.to_thread.run_sync(
-                _subjob_io, src, dests, rel, length, limiter=self.limiter
+                io.subjob_io, src, dests, rel, length, limiter=self.limiter
             )
         finally:
             self.throttle.io_job_finish()
@@ -500,95 +497,3 @@ def _check_threshold(value: int) -> int:
 
 
 # -- thread side: plain I/O on the job's own buffers, no shared state ------
-
-
-def _subjob_io(
-    src: Region | None, dests: list[tuple[int, Region]], rel: int, length: int
-) -> tuple[int | None, dict[int, int]]:
-    """Do the I/O of bytes [rel, rel+length) of a job, in a worker thread.
-
-    Args:
-      src: source region of the job, or None to write zeroes.
-      dests: (index in the job, region) of the destinations to write.
-      rel: offset of this sub-job inside the job's regions.
-      length: bytes to copy.
-
-    Returns:
-      (errno of the source read or None, {dest index: errno}).
-    """
-    if src is not None and len(dests) == 1:
-        index, dst = dests[0]
-        done = _copy_file_range(src.fd, src.offset + rel, dst.fd, dst.offset + rel, length)
-        if done == length:
-            return None, {}
-        # Error, unsupported pair of files, or short source: finish with
-        # pread/pwrite, which tells a read error from a write error (one
-        # copy_file_range error cannot) and zero-fills past the source's EOF.
-        rel += done
-        length -= done
-    return _copy_buffered(src, dests, rel, length)
-
-
-def _batch_io(
-    jobs: list[tuple[Region | None, list[Region]]],
-) -> list[tuple[int | None, dict[int, int]]]:
-    """Do the I/O of several whole jobs in one thread hop, in order."""
-    return [_subjob_io(src, list(enumerate(dests)), 0, dests[0].length) if dests[0].length
-            else (None, {}) for src, dests in jobs]
-
-
-def _copy_file_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int:
-    """Copy in the kernel as far as it goes; return the bytes copied."""
-    done = 0
-    while done < n:
-        try:
-            copied = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
-        except OSError:
-            # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP (block devices, odd filesystems)
-            # or a real I/O error: the caller's fallback sorts them out.
-            return done
-        if copied == 0:  # source EOF (or a filesystem that declines silently)
-            return done
-        done += copied
-    return done
-
-
-def _copy_buffered(
-    src: Region | None, dests: list[tuple[int, Region]], rel: int, length: int
-) -> tuple[int | None, dict[int, int]]:
-    """Read the source once into a fresh buffer and write it to each destination."""
-    data: memoryview | None = None
-    if src is not None:
-        buf = memoryview(bytearray(length))  # zero-filled: a short read leaves zeroes
-        got = 0
-        try:
-            while got < length:
-                r = os.preadv(src.fd, [buf[got:]], src.offset + rel + got)
-                if r == 0:  # EOF: the rest of the region reads as zeroes
-                    break
-                got += r
-        except OSError as e:
-            # Like kcopyd: nothing is written after a failed read.
-            return e.errno or errno.EIO, {}
-        data = buf
-    write_errors: dict[int, int] = {}
-    for index, dst in dests:
-        try:
-            if data is None:
-                _write_zeroes(dst.fd, dst.offset + rel, length)
-            else:
-                pwrite_all(dst.fd, data, dst.offset + rel)
-        except OSError as e:
-            # One failing destination (snapshot) must not stop the others.
-            write_errors[index] = e.errno or errno.EIO
-    return None, write_errors
-
-
-def _write_zeroes(fd: int, offset: int, n: int) -> None:
-    # Explicit zeroes, not holes: the destination may hold old data.
-    zeroes = memoryview(_ZEROES)
-    while n:
-        piece = min(n, len(_ZEROES))
-        pwrite_all(fd, zeroes[:piece], offset)
-        offset += piece
-        n -= piece

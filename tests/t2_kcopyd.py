@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 import kcopyd.client as client_mod
+import kcopyd.io as io_mod
 from kcopyd import CopyResult, KcopydClient, Region, Throttle
 from kcopyd import throttle as throttle_mod
 
@@ -63,7 +64,7 @@ class Gate:
         self.running = 0
         self.peak = 0
         self.calls = 0
-        real = client_mod._subjob_io
+        real = io_mod.subjob_io
 
         def gated(*args):
             with self._lock:
@@ -78,7 +79,7 @@ class Gate:
                 with self._lock:
                     self.running -= 1
 
-        monkeypatch.setattr(client_mod, "_subjob_io", gated)
+        monkeypatch.setattr(io_mod, "subjob_io", gated)
 
     def release(self, n=1):
         for _ in range(n):
@@ -186,13 +187,13 @@ async def test_large_job_is_split_into_subjobs(files, monkeypatch, ndests):
     src = files("src", data)
     dsts = [files(f"dst{i}", size=4 * MiB) for i in range(ndests)]
     slices = []
-    real = client_mod._subjob_io
+    real = io_mod.subjob_io
 
     def recording(src_region, dests, rel, length):
         slices.append((rel, length))
         return real(src_region, dests, rel, length)
 
-    monkeypatch.setattr(client_mod, "_subjob_io", recording)
+    monkeypatch.setattr(io_mod, "subjob_io", recording)
     kc = KcopydClient(subjob_size=512 * KiB)
 
     result = await kc.copy(Region(src, 0, 3 * MiB), [Region(d, 512, 3 * MiB) for d in dsts])
@@ -598,8 +599,8 @@ async def test_throttle_percent_is_settable(autojump_clock):
 def count_batch_hops(monkeypatch) -> list[int]:
     """The number of jobs of every batch thread hop, appended as they run."""
     hops = []
-    real = client_mod._batch_io
-    monkeypatch.setattr(client_mod, "_batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
+    real = io_mod.batch_io
+    monkeypatch.setattr(io_mod, "batch_io", lambda jobs: hops.append(len(jobs)) or real(jobs))
     return hops
 
 

@@ -233,9 +233,9 @@ async def test_merge_failure_stops_and_retry_finishes(pool):
 
 
 async def test_handover_stress_under_origin_writes(pool):
-    """C-susp-origin: toggling read-only/writable and growing the store
-    while the origin takes writes never fails a write or changes the
-    snapshot."""
+    """The handover suspends the origin too: toggling read-only/writable and
+    growing the store while the origin takes writes never fails a write or
+    changes the snapshot."""
     o = await pool.create_origin("vm", SIZE)
     await o.write(0, rbytes(12, SIZE))
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096, cow_size=SIZE))

@@ -210,8 +210,8 @@ def test_failing_log_write_snapshot_stays_invalid_after_remount(env):
     After the failure is gone (a transient fault: cable, controller reset) and
     the pool is mounted again, s1 must not come back as a valid snapshot that
     silently reads the origin's *new* data where its exception record is
-    missing (DESIGN §3: every valid snapshot reads exactly its point-in-time
-    data).  Either it stays Invalid, or it reads its point-in-time content.
+    missing (README, "What a crash can and cannot lose": every valid
+    snapshot reads exactly its point-in-time data).  Either it stays Invalid, or it reads its point-in-time content.
     """
     size = 4 * MiB
     old = env.origin(size)

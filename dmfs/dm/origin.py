@@ -45,7 +45,7 @@ from ..errors import DmError, StoreFull
 from .device import MappedDevice, run_io
 from .events import Event, EventHandler, TunablesChanged, no_handler
 from .origin_target import OriginTarget
-from .pending import PendingException, pending_pieces
+from .pending import PendingException
 from .volume import Volume
 from .writeback import WritebackCache
 
@@ -159,19 +159,16 @@ class Origin(Volume):
             if not (s.valid and s.active) or s.merging or start >= s.size:
                 continue
             c0, c1 = s.chunk_range(start, end)
-            for gap, n in s.exceptions.missing(c0, c1 - c0):
-                for lo, hi, pe in pending_pieces(s.pending, gap, gap + n):
-                    if pe is not None:
-                        if not waits or waits[-1] is not pe:
-                            waits.append(pe)
-                        continue
-                    try:
-                        new.extend(s.new_pending(lo, hi - lo))
-                    except StoreFull:
-                        # The point-in-time image cannot be kept: dm invalidates.
-                        s.invalidate("exception store is full (origin write)")
-                        break
-                if not s.valid:
+            for lo, hi, pe in s.uncopied(c0, c1):
+                if pe is not None:
+                    if not waits or waits[-1] is not pe:
+                        waits.append(pe)
+                    continue
+                try:
+                    new.extend(s.new_pending(lo, hi - lo))
+                except StoreFull:
+                    # The point-in-time image cannot be kept: dm invalidates.
+                    s.invalidate("exception store is full (origin write)")
                     break
         if new:
             self.start_copy_job(new)

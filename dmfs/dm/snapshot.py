@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from ..errors import DmError, StoreFull
 from .device import MappedDevice
 from .events import SnapshotInvalidated
 from .exception_table import ExceptionTable
-from .pending import PendingException, PendingTable, TrackedChunks
+from .pending import PendingException, PendingTable, TrackedChunks, pending_pieces
 from .snapshot_target import SnapshotTarget
 from .volume import Volume
 
@@ -108,6 +109,13 @@ class Snapshot(Volume):
         """Bytes of `count` chunks from `old` that lie inside the snapshot."""
         start = old * self.chunk_size
         return max(0, min(count * self.chunk_size, self.size - start))
+
+    def uncopied(self, c0: int, c1: int) -> Iterator[tuple[int, int, PendingException | None]]:
+        """Pieces (lo, hi, pe) of chunks [c0, c1) without a completed
+        exception: `pe` is the pending exception copying that piece, or
+        None where nothing is being copied yet."""
+        for gap, n in self.exceptions.missing(c0, c1 - c0):
+            yield from pending_pieces(self.pending, gap, gap + n)
 
     # -- invalidation -------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from store.base import ExceptionRun
 
 from ..errors import DmError, SnapshotInvalid, StoreFull
-from .pending import PendingException, pending_pieces
+from .pending import PendingException
 from .request import Op, Request
 from .target import Target
 
@@ -108,16 +108,15 @@ class SnapshotTarget(Target):
         full_hi = req.end // cs if req.end < s.size else c1
         while True:
             waits: list[PendingException] = []
-            for gap, n in s.exceptions.missing(c0, c1 - c0):
-                for lo, hi, pe in pending_pieces(s.pending, gap, gap + n):
-                    if pe is not None:
-                        if not waits or waits[-1] is not pe:
-                            waits.append(pe)
-                        continue
-                    # Only a partly written first or last chunk needs a copy.
-                    for c in ((lo, hi - 1) if hi - lo > 1 else (lo,)):
-                        if not (full_lo <= c < full_hi):
-                            waits.extend(self._start_copy(c))
+            for lo, hi, pe in s.uncopied(c0, c1):
+                if pe is not None:
+                    if not waits or waits[-1] is not pe:
+                        waits.append(pe)
+                    continue
+                # Only a partly written first or last chunk needs a copy.
+                for c in ((lo, hi - 1) if hi - lo > 1 else (lo,)):
+                    if not (full_lo <= c < full_hi):
+                        waits.extend(self._start_copy(c))
             if not waits:
                 break
             for pe in waits:

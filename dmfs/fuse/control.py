@@ -6,7 +6,7 @@ module parses and validates them and calls the pool.  It never imports
 pyfuse3, so it is unit-testable without FUSE; every error is a
 `DmError(errno, message)` that `operations` turns into a `FUSEError`.
 
-Errno conventions (README, "The xattr interface"):
+Errno conventions (README, "Extended attributes"):
   * EINVAL: malformed value, or setting a read-only attribute;
   * ENODATA: unknown attribute (also any name outside ``user.dmfs.`` on
     get, which the kernel asks for often, e.g. ``security.capability``);

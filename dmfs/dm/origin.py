@@ -142,7 +142,9 @@ class Origin(Volume):
             return
         try:
             await self.events(event)
-        except Exception:
+        except (DmError, OSError) as e:
+            log.error("%s: the owner could not act on %s: %s", self.name, type(event).__name__, e)
+        except Exception:  # a bug above must not stop the core
             log.exception("%s: handling %s failed", self.name, type(event).__name__)
 
     # -- copy on write ------------------------------------------------------

@@ -54,6 +54,7 @@ import trio
 
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
+from .base import check_geometry as check_geometry
 from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
 from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
 from .errors import DmError, SnapshotInvalid
@@ -62,31 +63,8 @@ from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
 
-MIN_CHUNK = 512
-MAX_CHUNK = 1 << 30
 # A compacted log is written here, then renamed over BASE.log.
 LOG_COMPACT_SUFFIX = ".log.compact"
-
-
-# -- helpers shared with the transient store ------------------------------
-
-def check_geometry(chunk_size: int, cow_size: int, min_chunks: int) -> None:
-    """Validate a chunk size and a capacity.
-
-    Raises:
-      DmError(EINVAL): chunk_size is not a power of two in 512..1G, or
-        cow_size is not a multiple of 512 or smaller than `min_chunks` chunks.
-    """
-    if not (isinstance(chunk_size, int) and MIN_CHUNK <= chunk_size <= MAX_CHUNK
-            and chunk_size & (chunk_size - 1) == 0):
-        raise DmError(errno.EINVAL,
-                      "chunk_size must be a power of two between 512 and 1G")
-    if not isinstance(cow_size, int) or cow_size % SECTOR:
-        raise DmError(errno.EINVAL, "cow_size must be a multiple of 512")
-    if cow_size < min_chunks * chunk_size:
-        raise DmError(errno.EINVAL,
-                      f"cow_size must be at least {min_chunks} chunks "
-                      f"({min_chunks * chunk_size} bytes)")
 
 
 def write_header_slots(io: FileIO, log_fd: int, new: fmt.Header, slot: int) -> tuple[fmt.Header, int]:

@@ -55,7 +55,6 @@ import trio
 from . import format as fmt
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .base import check_geometry as check_geometry
-from .chunks import ChunkAllocator as ChunkAllocator  # re-exported (transient store)
 from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
 from .errors import DmError, SnapshotInvalid
 from .fileio import OS_IO, FileIO

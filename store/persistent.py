@@ -53,6 +53,8 @@ from typing import Callable
 import trio
 
 from . import format as fmt
+from ._files import LOG_COMPACT_SUFFIX as LOG_COMPACT_SUFFIX
+from ._files import create_files, open_files, repair, unlink_files
 from .base import SECTOR, ExceptionRun, ExceptionStore
 from .base import check_geometry as check_geometry
 from .chunks import coalesce, extend_runs, find_run, persistent_allocator, remove_run
@@ -61,9 +63,6 @@ from .fileio import OS_IO, FileIO
 from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
-
-# A compacted log is written here, then renamed over BASE.log.
-LOG_COMPACT_SUFFIX = ".log.compact"
 
 
 def write_header_slots(io: FileIO, log_fd: int, new: fmt.Header, slot: int) -> tuple[fmt.Header, int]:
@@ -226,39 +225,7 @@ class PersistentStore(ExceptionStore):
         check_geometry(chunk_size, cow_size, 3)
         hdr = fmt.Header(uuid=os.urandom(16), gen=1, chunk_size=chunk_size,
                          cow_size=cow_size, type_name=type_name)
-        cow_path, log_path = base_path + ".cow", base_path + ".log"
-        area = fmt.encode_header(hdr) + fmt.encode_header(hdr.replace(gen=2))
-
-        def work() -> tuple[int, int]:
-            made: list[str] = []
-            fds: list[int] = []
-            try:
-                for p in (cow_path, log_path):
-                    fds.append(io.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-                    made.append(p)
-                cow_fd, log_fd = fds
-                io.ftruncate(cow_fd, cow_size)
-                io.fsync(cow_fd)
-                io.pwrite_all(log_fd, area.ljust(fmt.HEADER_AREA, b"\0"), 0)
-                io.fsync(log_fd)
-                io.fsync_dir(cow_path)
-                return cow_fd, log_fd
-            except BaseException:
-                for fd in fds:
-                    io.close(fd)
-                for p in made:
-                    try:
-                        io.unlink(p)
-                    except OSError:
-                        pass
-                raise
-
-        try:
-            cow_fd, log_fd = await trio.to_thread.run_sync(work)
-        except FileExistsError:
-            raise DmError(errno.EEXIST, f"exception store {base_path} already exists") from None
-        except OSError as e:
-            raise DmError(e.errno or errno.EIO, f"cannot create store {base_path}: {e}") from None
+        cow_fd, log_fd = await create_files(io, base_path, hdr)
         log.debug("created %s store %s chunk_size=%d cow_size=%d",
                   type_name, base_path, chunk_size, cow_size)
         return cls(base_path, hdr.replace(gen=2), 1, cow_fd, log_fd, io, spawn)
@@ -290,47 +257,9 @@ class PersistentStore(ExceptionStore):
             chunk), the .cow file is missing, or reading failed.
         """
         io = io or OS_IO
-        cow_path, log_path = base_path + ".cow", base_path + ".log"
-
-        def read() -> tuple[int, int, bytes]:
-            # A crash during a compaction: the log named BASE.log is the
-            # old or the new one, complete either way (see `_compact`).
-            try:
-                io.unlink(base_path + LOG_COMPACT_SUFFIX)
-                log.warning("%s: removed the leftover of an interrupted log compaction",
-                            base_path)
-            except FileNotFoundError:
-                pass
-            log_fd = io.open(log_path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                buf = io.read_all(log_fd)
-                cow_fd = io.open(cow_path, os.O_RDWR | os.O_CLOEXEC)
-                return cow_fd, log_fd, buf
-            except BaseException:
-                io.close(log_fd)
-                raise
-
-        try:
-            cow_fd, log_fd, buf = await trio.to_thread.run_sync(read)
-        except FileNotFoundError as e:
-            if e.filename == log_path:
-                raise DmError(errno.ENOENT, f"no exception store at {base_path}") from None
-            raise DmError(errno.EIO, f"store {base_path}: COW file missing") from None
-        except OSError as e:
-            raise DmError(errno.EIO, f"cannot read store {base_path}: {e}") from None
-
+        hdr, slot, cow_fd, log_fd, buf = await open_files(io, base_path)
         store = None
         try:
-            try:
-                hdr, slot = fmt.pick_header(buf[:fmt.HEADER_AREA])
-            except fmt.FormatError as e:
-                raise DmError(errno.EIO, f"no valid header in {log_path}: {e}") from None
-            if hdr.type_name not in PERSISTENT_TYPES:
-                raise DmError(errno.EIO, f"{log_path}: unknown store type {hdr.type_name!r}")
-            try:
-                check_geometry(hdr.chunk_size, hdr.cow_size, 3)
-            except DmError as e:
-                raise DmError(errno.EIO, f"{log_path}: bad header: {e}") from None
             store = cls(base_path, hdr, slot, cow_fd, log_fd, io, spawn)
             await store._replay(buf)
         except BaseException:
@@ -372,20 +301,9 @@ class PersistentStore(ExceptionStore):
                         scan.end, len(buf), scan.stop or "short header area",
                         f"; {len(scan.later)} records of the unfinished commit dropped"
                         if scan.later else "")
-        end, cow_size, io = scan.end, self.cow_size, self._io
-
-        def fix() -> None:
-            # Truncate so garbage never follows the next append (fsync: the
-            # new size must be durable before anything is appended); make
-            # the COW file at least cow_size so chunk reads never come up short.
-            if io.size(self.log_fd) != end:
-                io.ftruncate(self.log_fd, end)
-                io.fsync(self.log_fd)
-            if io.size(self.cow_fd) < cow_size:
-                io.ftruncate(self.cow_fd, cow_size)
-
         try:
-            await trio.to_thread.run_sync(fix)
+            await trio.to_thread.run_sync(repair, self._io, self.log_fd, scan.end,
+                                          self.cow_fd, self.cow_size)
         except OSError as e:
             raise DmError(errno.EIO, f"cannot repair {self.log_path}: {e}") from None
         # An invalid store is never written again: it can only be deleted.
@@ -617,8 +535,8 @@ class PersistentStore(ExceptionStore):
             await self.close()
         except DmError as e:
             log.warning("%s: close before destroy failed: %s", self.base_path, e)
-        await trio.to_thread.run_sync(_unlink_files, [self.cow_path, self.log_path,
-                                                      self.base_path + LOG_COMPACT_SUFFIX], self._io)
+        await trio.to_thread.run_sync(unlink_files, [self.cow_path, self.log_path,
+                                                     self.base_path + LOG_COMPACT_SUFFIX], self._io)
 
     def _close_fds(self) -> None:
         self._closing = self._closed = True
@@ -1070,14 +988,3 @@ class PersistentStore(ExceptionStore):
         """The free list as (first chunk, count) runs (for tests and tools)."""
         return list(self._alloc.free)
 
-
-def _unlink_files(paths: list[str], io: FileIO = OS_IO) -> None:
-    for p in paths:
-        try:
-            io.unlink(p)
-        except FileNotFoundError:
-            pass
-    try:
-        io.fsync_dir(paths[0])
-    except OSError as e:
-        log.warning("cannot fsync directory of %s: %s", paths[0], e)

@@ -6,7 +6,8 @@ is transient (`TransientStore`).
 
 The names in `_EXPORTS` are imported on first use: the stores need trio,
 msgpack and xxhash, and a module that needs only the store's errors or
-types must not pay for them (`import dmfs` stays light).
+types (the dm core's package, whose own import must stay light) must not
+pay for them.
 """
 
 from __future__ import annotations

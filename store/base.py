@@ -38,6 +38,28 @@ from dataclasses import dataclass
 from .errors import DmError
 
 SECTOR = 512
+# Chunk sizes dm accepts: powers of two from one sector to 1 GiB.
+MIN_CHUNK = 512
+MAX_CHUNK = 1 << 30
+
+
+def check_geometry(chunk_size: int, cow_size: int, min_chunks: int) -> None:
+    """Validate a chunk size and a capacity (both stores, and `dmfs check`).
+
+    Raises:
+      DmError(EINVAL): chunk_size is not a power of two in 512..1G, or
+        cow_size is not a multiple of 512 or smaller than `min_chunks` chunks.
+    """
+    if not (isinstance(chunk_size, int) and MIN_CHUNK <= chunk_size <= MAX_CHUNK
+            and chunk_size & (chunk_size - 1) == 0):
+        raise DmError(errno.EINVAL,
+                      "chunk_size must be a power of two between 512 and 1G")
+    if not isinstance(cow_size, int) or cow_size % SECTOR:
+        raise DmError(errno.EINVAL, "cow_size must be a multiple of 512")
+    if cow_size < min_chunks * chunk_size:
+        raise DmError(errno.EINVAL,
+                      f"cow_size must be at least {min_chunks} chunks "
+                      f"({min_chunks * chunk_size} bytes)")
 
 
 @dataclass(frozen=True)

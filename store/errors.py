@@ -1,9 +1,9 @@
 """The errors of dm from the exception store up, each carrying the errno a
 caller should see.
 
-They are defined here, at the lowest layer that raises them, so that
-nothing below `dmfs/` imports upward: `dmfs.errors` re-exports them for
-the dm core and the FUSE layer, which turns a `DmError` into
+They are defined here, at the lowest layer that raises them, so that no
+layer depends on one above it.  The dm core and the FUSE layer get them
+re-exported (`dmfs.errors`); the FUSE layer turns a `DmError` into
 `FUSEError(err.errno)` and logs `err` as one line.
 """
 

@@ -62,7 +62,8 @@ STORE_TYPES = PERSISTENT_TYPES
 # runs: the rewrite pays for itself within two later opens, and the ratio
 # bounds the backlog an open can meet between two online compactions (a
 # million exceptions: ~62 000 records, ~0.2 s; at 8 runs a record it was
-# ~124 000 records and a 1.85 s mount, too close to the 2 s target).
+# ~124 000 records and a 1.85 s mount, too close to the 2 s that a mount
+# of a million exceptions may take, bench/README.md "Scale").
 # Smaller logs open in milliseconds either way; logs of fat records
 # (batched commits) would be rewritten for little gain.
 COMPACT_MIN_RECORDS = 4096

@@ -16,10 +16,9 @@ from array import array
 
 import trio
 
-from .base import SECTOR, ExceptionRun, ExceptionStore
+from .base import SECTOR, ExceptionRun, ExceptionStore, check_geometry
 from .chunks import ChunkAllocator
 from .errors import DmError, SnapshotInvalid
-from .persistent import check_geometry
 from .types import StoreType
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import re
 from dataclasses import replace
 
 from store import StoreType
+from store.base import MAX_CHUNK, MIN_CHUNK
 
 from ..dm import COPY_THROTTLE_RANGE, COW_THRESHOLD_MIN
 from ..errors import DmError
@@ -61,8 +62,6 @@ ROOT_GETTABLE = (XA_PID, XA_POOL)
 # says "read-only" (EINVAL) rather than "unknown" (ENODATA).
 _KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE + (XA_SNAPSHOT, XA_MERGE))
 
-MIN_CHUNK = 512
-MAX_CHUNK = 1 << 30
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -5,7 +5,8 @@
 #   make test    install what is missing, run the whole test suite
 #                (PYTEST_ARGS='-k ext4 -x' to select; DMFS_SLOW=1 for the longer variants)
 #   make bench   passthrough vs dmfs (vs qemu-storage-daemon if installed), bench/README.md
-#                (BENCH_ARGS='--quick' for a short run)
+#                (BENCH_ARGS='--quick' for a short run; BASELINE=REV also runs dmfs at
+#                git revision REV, alternating with this tree's, and prints the ratios)
 #   make bench-scale  mount seconds and RSS per exception of a snapshot with 1M exceptions
 #                (SCALE_ARGS='--exceptions 100000 --runs 1' for a short run), bench/README.md
 #   make clean   remove .venv and caches (never ./pool)
@@ -19,6 +20,7 @@ POOL    := pool
 MNT     := mnt
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BASELINE ?=
 SCALE_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr e2fsprogs fio util-linux \
@@ -85,7 +87,7 @@ test: deps
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: deps
-	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/run.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
 bench-scale: deps
 	$(VENV)/bin/python bench/scale.py $(SCALE_ARGS)

@@ -155,6 +155,10 @@ class WritebackCache:
         if not self._applying:
             self._applying = True
             self.nursery.start_soon(self._applier)
+        elif all(pe.done.is_set() for pe in waits):
+            # Its copies finished while it waited for room: the applier may
+            # be asleep with nothing else to wake it.
+            self._kick.set()
 
     def kick(self) -> None:
         """Pending exceptions completed: the applier looks again."""

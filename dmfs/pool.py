@@ -26,7 +26,7 @@ import time
 
 import trio
 
-from store import create_store, open_store
+from store import create_store, open_store, remove_store
 from store.base import SECTOR
 
 from .control import SnapshotSpec
@@ -440,6 +440,48 @@ class Pool:
                 await store.destroy()
                 raise
         log.info("created snapshot %s (chunk %d, cow %d, store %s)", snap.name, snap.chunk_size, cow_size, spec.store)
+        return snap
+
+    async def adopt_snapshot(self, origin: Origin, name: str, build, config: SnapshotConfig) -> Snapshot:
+        """Register snapshot `name` whose store `await build(base)` writes and
+        closes at `base` (`dmfs import`), as create_snapshot registers a new one.
+
+        Nothing is registered unless build and opening its store succeed;
+        on any error the store's files are removed.
+
+        Raises:
+          DmError(EEXIST): the name is taken; EINVAL: bad name; EBUSY: merging.
+        """
+        _check_name(name, "snapshot")
+        async with origin.config_lock:
+            if any(s.snap_name == name for s in origin.snapshots):
+                raise DmError(errno.EEXIST, f"{origin.name}@{name}.img already exists")
+            if origin.merge is not None:
+                raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}")
+            base = self._store_base(origin.name, name)
+            await remove_store(base)   # leftovers of a crash mid-create
+            try:
+                await build(base)
+                store = await open_store(base, config.store, spawn=self.nursery.start_soon)
+            except BaseException:
+                await remove_store(base)
+                raise
+            snap = Snapshot(origin, name, store, origin.size, config)
+            try:
+                await origin.device.suspend()
+                try:
+                    origin.register(snap)
+                    try:
+                        await self.save_origin(origin)
+                    except BaseException:
+                        origin.unregister(snap)
+                        raise
+                finally:
+                    origin.device.resume()
+            except BaseException:
+                await store.destroy()
+                raise
+        log.info("adopted snapshot %s (chunk %d, store %s)", snap.name, snap.chunk_size, config.store)
         return snap
 
     @staticmethod

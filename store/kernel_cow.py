@@ -229,7 +229,7 @@ class CowImage:
 
 
 def _table_runs(olds: array, news: array) -> array:
-    out = array("q")
+    out = array("Q")
     if not news:
         return out
     o0, n0, c = olds[0], news[0], 1

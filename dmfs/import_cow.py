@@ -236,8 +236,9 @@ def run(args) -> int:
     cow_size = None if args.cow_size is None else parse_size(args.cow_size)
     store_type = args.store.upper()
     pool_path = os.path.abspath(args.pool)
-    if not os.path.isdir(pool_path):
-        raise QuietError(f"{pool_path} is not a directory (a pool made with dmfs create or mount)")
+    if not os.path.isfile(os.path.join(pool_path, "pool.json")):
+        raise QuietError(f"{pool_path} is not a dmfs pool (no pool.json); make one and its origin "
+                         f"first: dmfs create {args.pool} {origin_name} --backing ORIGIN")
     cow_path = os.path.abspath(args.cow)
     fd = open_cow(cow_path)
     try:

@@ -138,6 +138,44 @@ def test_trimmed_image_comes_in_full_and_cow_size_restores_the_room(mounted):
 
 
 @pytest.mark.needs_fuse
+def test_holes_a_crash_left_in_a_kernel_image_stay_holes(mounted):
+    """Chunks allocated but never committed (a kernel crash between two
+    out-of-order commits) come in as free chunks below next_free: the same
+    status, the same chunk numbers; across several areas."""
+    tmp = mounted.tmp
+    rnd = random.Random(11)
+    cs, epa = 512, 32
+    data_chunks = [c for c in range(2, 200) if not kc.is_metadata_chunk(c, epa)]
+    news = [c for c in data_chunks if c not in (3, 4, 30, 35, 99, 120)]   # holes
+    olds = rnd.sample(range(2048), len(news))
+    plan = kc.plan_image(cs, olds, news)
+    size = plan.min_size + 64 * cs
+    cow = tmp / "holes.cow"
+    cow.write_bytes(rnd.randbytes(size))               # data everywhere, old garbage too
+    fd = os.open(cow, os.O_RDWR)
+    try:
+        kc.write_image(fd, plan, size, blank=False)
+    finally:
+        os.close(fd)
+    want = plan.image(size).status()
+    origin = tmp / "o.img"
+    origin.write_bytes(rnd.randbytes(MiB))
+    with Offline(mounted):
+        util.dmfs("create", mounted.pool, "vm", "--backing", origin)
+        p = util.dmfs("import", mounted.pool, "vm@h", "--cow", cow)
+        assert f"status {want}," in p.stdout
+        out = util.dmfs("check", mounted.pool).stdout
+        assert "6 chunks below next_free are free" in out, out
+        util.dmfs("export", mounted.pool, "vm@h", tmp / "again.cow")
+        again = kc.parse_path(str(tmp / "again.cow"))
+        assert again.status() == want
+        assert sorted(zip(again.news, again.olds)) == sorted(zip(news, olds))
+    snap = mounted.path("vm@h.img")
+    assert status(snap) == want
+    assert read_all(snap) == snapshot_view(read_all(origin), read_all(cow), zip(olds, news), cs)
+
+
+@pytest.mark.needs_fuse
 def test_imported_snapshot_merges_back_into_the_origin(mounted):
     """LVM's `lvconvert --merge` after the import: the origin becomes what
     the kernel's snapshot read."""

@@ -24,7 +24,7 @@ from .common import QuietError, describe_error, leaf_exception
 log = logging.getLogger(__name__)
 
 
-COMMANDS = ("mount", "umount", "create", "status", "merge", "check")
+COMMANDS = ("mount", "umount", "create", "status", "merge", "check", "import", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Check every store of POOL offline; exit code 0 only when consistent.")
     ck.add_argument("pool", metavar="POOL")
     ck.add_argument("--repair", action="store_true", help="cut torn log tails")
+
+    im = sub.add_parser("import", parents=[common], help="adopt a kernel (LVM/dmsetup) COW image as a snapshot",
+                        description="Adopt the COW image or device of a kernel dm-snapshot (an LVM snapshot's "
+                        "-cow volume) as snapshot NAME@SNAP of origin NAME, in an unmounted POOL.")
+    im.set_defaults(module="import_cow")
+    im.add_argument("pool", metavar="POOL")
+    im.add_argument("snapshot", metavar="NAME@SNAP", help="the snapshot to create, of origin NAME")
+    im.add_argument("--cow", required=True, metavar="PATH", help="the kernel's COW image file or device")
+    im.add_argument("--origin", metavar="NAME", help="the origin (must be the NAME of NAME@SNAP)")
+    im.add_argument("--chunk-size", metavar="SIZE", help="refuse an image whose chunk size differs (4K, or 8s in sectors)")
+    im.add_argument("--store", default="P", type=str.upper, choices=("P", "PO"), help="P (default) or PO, as in the table")
+    im.add_argument("--cow-size", metavar="SIZE", help="capacity of the new store (default: the image's size)")
+
+    ex = sub.add_parser("export", parents=[common], help="write a snapshot as a kernel (dmsetup/LVM) COW image",
+                        description="Write snapshot NAME@SNAP of an unmounted POOL as a COW image the kernel's "
+                        "dm-snapshot loads: a new file, or a block device written in place.")
+    ex.set_defaults(module="export_cow")
+    ex.add_argument("pool", metavar="POOL")
+    ex.add_argument("snapshot", metavar="NAME@SNAP")
+    ex.add_argument("out", metavar="OUT", help="image file to write, or a block device (e.g. an LV) to overwrite")
+    ex.add_argument("--cow-size", metavar="SIZE", help="size of a file OUT (default: the snapshot's cow_size)")
     return p
 
 
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, format="dmfs: %(levelname)s: %(message)s",
                         level=logging.DEBUG if args.debug else logging.WARNING)
     try:
-        module = importlib.import_module(f"dmfs.cli.{args.command}")
+        module = importlib.import_module(f"dmfs.cli.{getattr(args, 'module', args.command)}")
         return module.run(args) or 0
     except KeyboardInterrupt:
         return 130

@@ -353,6 +353,9 @@ class Pool:
     async def create_snapshot(self, origin: Origin, spec: SnapshotSpec) -> Snapshot:
         return await snapshots.create_snapshot(self, origin, spec)
 
+    async def adopt_snapshot(self, origin: Origin, name: str, build, config) -> Snapshot:
+        return await snapshots.adopt_snapshot(self, origin, name, build, config)
+
     async def delete_snapshot(self, snap: Snapshot) -> None:
         await snapshots.delete_snapshot(self, snap)
 

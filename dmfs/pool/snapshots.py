@@ -12,10 +12,11 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from store import SECTOR, StoreType, create_store, remove_store
+from store import SECTOR, ExceptionStore, StoreType, create_store, open_store, remove_store
 
 from ..dm import Origin, Snapshot, SnapshotConfig, SnapshotTarget
 from ..errors import DmError
@@ -64,15 +65,9 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
     check_name(spec.name, "snapshot name")
     store_type = StoreType.parse(spec.store)
     async with origin.config_lock:
-        if pool.lookup(origin.filename) is not origin:
-            raise DmError(errno.ENOENT, f"{origin.filename} is gone")
-        if any(s.snap_name == spec.name for s in origin.snapshots):
-            raise DmError(errno.EEXIST, f"{origin.name}@{spec.name}.img already exists")
+        _check_new_snapshot(pool, origin, spec.name)
         if origin.size == 0:
             raise DmError(errno.EINVAL, f"{origin.filename} is empty; give it a size first")
-        if origin.merge is not None:
-            raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
-                          "snapshots of a merging origin are not supported")
         cow_size = spec.cow_size if spec.cow_size is not None else default_cow_size(origin, spec.chunk_size)
         base = pool._store_base(origin.name, spec.name)
         await remove_store(base)  # leftovers of a crash mid-create
@@ -80,23 +75,70 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
                                    spawn=pool.nursery.start_soon)
         cfg = SnapshotConfig(store=store_type, discard_zeroes_cow=spec.discard_zeroes_cow,
                              discard_passdown_origin=spec.discard_passdown_origin)
-        snap = Snapshot(origin, spec.name, store, origin.size, cfg)
-        try:
-            await origin.device.suspend()
-            try:
-                origin.register(snap)
-                try:
-                    await pool.save_origin(origin)
-                except BaseException:
-                    origin.unregister(snap)
-                    raise
-            finally:
-                origin.device.resume()
-        except BaseException:
-            await store.destroy()
-            raise
+        snap = await _register(pool, origin, spec.name, store, cfg)
     log.info("created snapshot %s (chunk %d, cow %d, store %s)", snap.name, snap.chunk_size, cow_size,
              store_type.value)
+    return snap
+
+
+async def adopt_snapshot(pool: Pool, origin: Origin, name: str,
+                         build: Callable[[str], Awaitable[None]], config: SnapshotConfig) -> Snapshot:
+    """Register snapshot `name` whose store `await build(base)` writes and
+    closes at `base` (`dmfs import`), as create_snapshot registers a new one.
+
+    Nothing is registered unless build and opening its store succeed;
+    on any error the store's files are removed.
+
+    Raises:
+      DmError(EEXIST): the name is taken; EINVAL: bad name; EBUSY: merging.
+    """
+    check_name(name, "snapshot name")
+    async with origin.config_lock:
+        _check_new_snapshot(pool, origin, name)
+        base = pool._store_base(origin.name, name)
+        await remove_store(base)   # leftovers of a crash mid-create
+        try:
+            await build(base)
+            store = await open_store(base, config.store, spawn=pool.nursery.start_soon)
+        except BaseException:
+            await remove_store(base)
+            raise
+        snap = await _register(pool, origin, name, store, config)
+    log.info("adopted snapshot %s (chunk %d, store %s)", snap.name, snap.chunk_size, config.store)
+    return snap
+
+
+def _check_new_snapshot(pool: Pool, origin: Origin, name: str) -> None:
+    """Raises DmError unless `origin` may get a snapshot called `name` now."""
+    if pool.lookup(origin.filename) is not origin:
+        raise DmError(errno.ENOENT, f"{origin.filename} is gone")
+    if any(s.snap_name == name for s in origin.snapshots):
+        raise DmError(errno.EEXIST, f"{origin.name}@{name}.img already exists")
+    if origin.merge is not None:
+        raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
+                      "snapshots of a merging origin are not supported")
+
+
+async def _register(pool: Pool, origin: Origin, name: str, store: ExceptionStore,
+                    config: SnapshotConfig) -> Snapshot:
+    """Make `store` snapshot `name` of `origin`: registered and saved with the
+    origin suspended, so that it takes effect between two origin writes.
+    On failure the store is destroyed and nothing is registered."""
+    snap = Snapshot(origin, name, store, origin.size, config)
+    try:
+        await origin.device.suspend()
+        try:
+            origin.register(snap)
+            try:
+                await pool.save_origin(origin)
+            except BaseException:
+                origin.unregister(snap)
+                raise
+        finally:
+            origin.device.resume()
+    except BaseException:
+        await store.destroy()
+        raise
     return snap
 
 

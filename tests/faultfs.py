@@ -654,6 +654,9 @@ class FaultPool:
     Attributes:
       ffs: the FaultFS; pool: the pool directory (inside ffs.mnt);
       mnt: the dmfs mountpoint; daemon: the current util.Daemon.
+
+    path(), proc, log() and restart() are those of conftest's `Mounted`,
+    so the tests written for `mounted` run on faultfs too.
     """
 
     def __init__(self, tmp: Path):
@@ -674,6 +677,20 @@ class FaultPool:
 
     def path(self, name: str) -> Path:
         return self.mnt / name
+
+    @property
+    def proc(self):
+        return self.daemon.proc
+
+    def log(self) -> str:
+        return self.daemon.log()
+
+    def restart(self) -> None:
+        """Unmount cleanly (exit 0, no traceback) and mount the same pool again."""
+        rc = self.stop()
+        assert rc == 0, f"dmfs exited {rc}\n{self.log()}"
+        assert "Traceback" not in self.log(), self.log()
+        self.start()
 
     def kill9(self) -> None:
         """SIGKILL the dmfs daemon (its whole session) and drop its dead mount."""
@@ -820,10 +837,7 @@ class Env:
         return sorted(names)
 
     def restart(self):
-        rc = self.fp.stop()
-        assert rc == 0, f"dmfs exited {rc}\n{self.daemon.log()}"
-        assert "Traceback" not in self.daemon.log(), self.daemon.log()
-        self.fp.start()
+        self.fp.restart()
 
     def origin(self, size: int) -> bytes:
         """Create vm.img of `size` bytes filled with random data (fsynced)."""

@@ -18,7 +18,6 @@ from pyfuse3 import FUSEError
 from dmfs.fuse import operations as fuse_ops
 from dmfs.fuse.inodes import ROOT_INODE
 from dmfs.fuse.operations import Operations
-from dmfs.pool import Pool
 
 MiB = 1 << 20
 
@@ -47,12 +46,8 @@ def attr(**kw):
 
 
 @pytest.fixture
-async def ops(tmp_path, nursery):
-    pool = await Pool.open(str(tmp_path / "pool"), nursery)
-    try:
-        yield Operations(pool)
-    finally:
-        await pool.close()
+async def ops(pool):
+    return Operations(pool)
 
 
 async def fuse_errno(coro):

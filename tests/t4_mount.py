@@ -204,7 +204,7 @@ def test_umount_refuses_while_loop_attached(mounted):
         assert dev in p.stderr and str(vm) in p.stderr and "losetup -d" in p.stderr
         assert util.mount_type(mounted.mnt) == "fuse.dmfs"
     finally:
-        util.losetup_detach(dev)
+        util.losetup_detach(dev, mounted.mnt)
     p = dmfs("umount", mounted.mnt)
     assert p.stdout == p.stderr == ""
     # `dmfs umount` returns only after the daemon exited
@@ -230,7 +230,7 @@ def test_sigterm_with_loop_attached_warns(mounted):
         mounted.proc.send_signal(signal.SIGTERM)
         assert mounted.proc.wait(timeout=60) == 0
     finally:
-        util.losetup_detach(dev)
+        util.losetup_detach(dev, mounted.mnt)
     assert f"loop devices still use files of {os.path.realpath(mounted.mnt)}: {dev}" in mounted.log()
 
 
@@ -387,9 +387,7 @@ def test_systemd_unit_verifies(tmp_path):
 
 
 def test_max_background_raised(mounted):
-    with open("/proc/self/mountinfo") as f:
-        line = next(ln for ln in f if ln.split()[4] == os.path.realpath(mounted.mnt))
-    minor = line.split()[2].split(":")[1]
+    _, minor = util.mount_entry(mounted.mnt).dev
     path = f"/sys/fs/fuse/connections/{minor}/max_background"
     # the daemon tunes it right after the mount answers; allow it a moment
     util.retry(10, lambda: os.path.exists(path) and open(path).read().strip() == "64")

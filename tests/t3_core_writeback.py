@@ -135,6 +135,24 @@ async def test_later_overlapping_writes_wait_and_others_do_not(fd, nursery):
     assert wb.overlapping(0, SIZE) == []
 
 
+async def test_writes_to_other_sectors_of_a_held_page_follow_it(fd, nursery):
+    # After a crash a page must hold a prefix of the writes acknowledged to
+    # it: a write to another sector of a held write's page waits behind it.
+    wb = make(fd, nursery)
+    s1 = Copy()
+    await wb.add(0, A[:512], [s1])        # held: its copy is pending
+    await wb.add(1024, B[:512], [])       # same page, other bytes, no copy of its own
+    await wb.add(K4, C[:512], [])         # the next page: free to go
+    await wait_all_tasks_blocked()
+    assert os.pread(fd, 512, K4) == C[:512]
+    assert os.pread(fd, K4, 0) == ZERO, "a later write to the page landed before the held one"
+    assert spans(wb.ordered_before(2048, 2560)) == [(0, 512), (1024, 1536)]
+    assert wb.overlapping(2048, 2560) == []
+    finish(wb, s1)
+    await wait_all_tasks_blocked()
+    assert os.pread(fd, 1536, 0) == A[:512] + ZERO[:512] + B[:512]
+
+
 async def test_before_apply_is_awaited_before_each_batch(fd, nursery):
     gate = trio.Event()
     seen = []  # what the origin held each time before_apply was called

@@ -210,7 +210,7 @@ def test_import_from_a_block_device_and_export_onto_one(mounted):
             p = util.dmfs("export", pool, "vm@lv", dev2, "--cow-size", "1M", check=False)
             assert "block device of 2097152 bytes" in one_line_error(p)
             util.dmfs("export", pool, "vm@lv", dev2)
-            util.losetup_detach(dev2)
+            util.losetup_detach(dev2, tmp)
             dev2 = None
             img = kc.parse_path(str(target))
             ref = kc.parse_path(str(cow))
@@ -225,7 +225,7 @@ def test_import_from_a_block_device_and_export_onto_one(mounted):
     finally:
         for d in (dev, dev2):
             if d:
-                util.losetup_detach(d)
+                util.losetup_detach(d, tmp)
 
 
 # -- dmfs -> kernel -> dmfs ------------------------------------------------------------

@@ -32,7 +32,6 @@ the kernel loads as ``Invalid``: what it would itself keep of it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -45,30 +44,10 @@ from store import StoreType, kernel_cow
 
 from ..errors import DmError
 from ..fuse.control import parse_size
-from .common import QuietError
+from .common import QuietError, lock_pool_offline
 from .import_cow import split_snapshot_name
 
 log = logging.getLogger(__name__)
-
-
-def lock_pool(pool: str) -> int | None:
-    """flock POOL/lock as the daemon does, so no mount starts meanwhile.
-
-    Raises:
-      QuietError: the pool is mounted.
-    """
-    try:
-        fd = os.open(os.path.join(pool, "lock"), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise QuietError(f"pool {pool} is in use ({holder or 'locked'}); unmount it before "
-                         "exporting") from None
-    return fd
 
 
 def read_snapshot_meta(pool: str, origin: str, snap: str) -> tuple[dict, dict]:
@@ -207,7 +186,7 @@ def run(args) -> int:
     cow_size = None if args.cow_size is None else parse_size(args.cow_size)
     if not os.path.isfile(os.path.join(pool, "pool.json")):
         raise QuietError(f"{pool} is not a dmfs pool (no pool.json)")
-    lock_fd = lock_pool(pool)
+    lock_fd = lock_pool_offline(pool, "exporting")
     try:
         meta, sm = read_snapshot_meta(pool, origin, snap)
         origin_path = meta.get("backing") or os.path.join(pool, origin + ".img")

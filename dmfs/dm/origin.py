@@ -34,6 +34,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -267,6 +268,19 @@ class Origin(Volume):
         """Pending exceptions completed: wake the write-back cache."""
         self.writeback.kick()
 
+    # -- name -----------------------------------------------------------------
+
+    def rename(self, name: str, path: str | None = None) -> None:
+        """The owner renamed this origin (and its files): the snapshots'
+        names follow; `path` is the data file's new path (None: adopted
+        backing, unchanged)."""
+        super().rename(name)
+        if path is not None:
+            self.path = path
+        self.writeback.name = self.filename
+        for s in self.snapshots:
+            s.rename_snapshot(s.snap_name)
+
     # -- size -----------------------------------------------------------------
 
     async def grow(self, size: int) -> None:
@@ -283,16 +297,33 @@ class Origin(Volume):
         return self.merge.describe() if self.merge is not None else "none"
 
     def info(self) -> dict:
+        m = self.merge
         return {
             "name": self.name, "file": self.filename, "origin": "", "size": self.size,
             "chunk_size": None, "data_percent": None,
-            "state": "active" if self.merge is None else self.merge.describe(),
+            "state": "active" if m is None else m.describe(),
             "merge": self.merge_state(),
             "snapshots": [s.snap_name for s in self.snapshots],
             "backing": self.backing, "readonly": False,
             "copy_throttle": self.kcopyd.throttle_percent,
             "cow_threshold": self.kcopyd.cow_threshold,
+            "open": self.open_count, "allocated": self.allocated(),
+            # The snapshot being merged has left the listing; what `dmfs
+            # status` shows of it (and `dmfs merge --wait` follows) is here.
+            "merging": None if m is None else {
+                "snapshot": m.snap.snap_name, "state": m.state.value, "reason": m.reason,
+                "done": m.done, "total": m.total, "chunk_size": m.snap.chunk_size,
+                "snapshot_info": m.snap.info()},
         }
+
+    def allocated(self) -> int:
+        """Bytes the origin's data really occupies (st_blocks of its file;
+        a block device counts whole)."""
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return 0
+        return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else self.size
 
     @property
     def tunables(self) -> OriginTunables:

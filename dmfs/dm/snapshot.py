@@ -202,6 +202,11 @@ class Snapshot(Volume):
             pe.done.set()
         self.origin.cow_progressed()
 
+    def rename_snapshot(self, snap_name: str) -> None:
+        """The owner renamed this snapshot (or its origin) and its store files."""
+        self.snap_name = snap_name
+        self.rename(f"{self.origin.name}@{snap_name}")
+
     # -- reporting ----------------------------------------------------------
 
     def info(self) -> dict:
@@ -217,7 +222,24 @@ class Snapshot(Volume):
             "state": self.state(), "readonly": self.readonly,
             "exceptions": len(self.exceptions), "pending": len(self.pending),
             "store_stats": self.store.stats() if self.store is not None else None,
+            "open": self.open_count, "allocated": self.allocated(),
+            "invalid_reason": None if self.valid else self.invalid_reason,
+            "usage": list(self.store.usage()) if self.store is not None and self.valid else None,
+            "features": [f for f in ("discard_zeroes_cow", "discard_passdown_origin")
+                         if getattr(self.config, f)],
         }
+
+    def allocated(self) -> int:
+        """Bytes the snapshot's own store really occupies: its COW data
+        file and its log (st_blocks), not the origin data it shares."""
+        total = 0
+        for fd in (getattr(self.store, "cow_fd", -1), getattr(self.store, "log_fd", -1)):
+            if fd is not None and fd >= 0:
+                try:
+                    total += os.fstat(fd).st_blocks * 512
+                except OSError:
+                    pass
+        return total
 
     def state(self) -> str:
         if not self.valid:

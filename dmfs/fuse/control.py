@@ -52,15 +52,21 @@ XA_MERGE = b"user.dmfs.merge"                # snapshot: set start; origin: get 
 # Attributes of the mount root.
 XA_PID = b"user.dmfs.pid"
 XA_POOL = b"user.dmfs.pool"
+XA_POOL_SPACE = b"user.dmfs.pool_space"      # JSON, pool/space.py
+
+# Any file and the root, get only: the caller's last refusal there
+# (fuse/refusals.py; on the root: anywhere on the mount).  Not listed.
+XA_ERROR = b"user.dmfs.error"
 
 # What `listxattr` shows, i.e. what `getfattr -d -m user.dmfs` prints.
 ORIGIN_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_COPY_THROTTLE, XA_COW_THRESHOLD, XA_MERGE)
 SNAPSHOT_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_CHUNK_SIZE, XA_COW_SIZE, XA_ORIGIN)
-ROOT_GETTABLE = (XA_PID, XA_POOL)
+ROOT_GETTABLE = (XA_PID, XA_POOL, XA_POOL_SPACE)
 
 # Every name this version knows, so that setting a known get-only one
 # says "read-only" (EINVAL) rather than "unknown" (ENODATA).
-_KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE + (XA_SNAPSHOT, XA_MERGE))
+_KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE
+                   + (XA_SNAPSHOT, XA_MERGE, XA_ERROR))
 
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)", re.IGNORECASE)
@@ -175,6 +181,12 @@ def _unknown(name: bytes) -> DmError:
     return DmError(errno.ENODATA, f"no attribute {name.decode('ascii', 'backslashreplace')}")
 
 
+def error_value(reason: str | None) -> bytes:
+    """The value of ``user.dmfs.error``: the reason of the caller's last
+    refusal (one line, ending with the errno's name), or empty."""
+    return b"" if reason is None else reason.encode("utf-8", "backslashreplace")
+
+
 # -- per-volume dispatch ---------------------------------------------------
 
 def list_xattrs(volume) -> list[bytes]:
@@ -284,6 +296,8 @@ def get_root_xattr(pool, name: bytes) -> bytes:
         return _ascii(os.getpid())
     if name == XA_POOL:
         return os.fsencode(os.path.abspath(os.fspath(pool.path)))
+    if name == XA_POOL_SPACE:
+        return json.dumps(pool.space(), sort_keys=True).encode("utf-8")
     raise _unknown(name)
 
 

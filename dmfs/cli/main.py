@@ -1,7 +1,8 @@
 """The `dmfs` command: argument parsing and error reporting.
 
 Each subcommand lives in its own module of this package (`mount`,
-`umount`, `create`, `status`, `merge`, `check`) with a `run(args) -> int`;
+`umount`, `create`, `status`, `merge`, `check`, `snapshot`, `remove`,
+`rename`, `extend`) with a `run(args) -> int`;
 it is imported only when used, so `dmfs status` does not pay for pyfuse3
 and trio.
 
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 COMMANDS = ("mount", "umount", "create", "status", "merge", "check", "import", "export")
+# The everyday LVM actions on a mounted pool (lvcreate -s, lvremove,
+# lvrename, lvextend), each a thin client of the mount.
+COMMANDS += ("snapshot", "remove", "rename", "extend")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adopt an existing image file or block device in place")
 
     s = sub.add_parser("status", parents=[common], help="show volumes like lvs",
-                       description="Show every volume of the mount at MNT.")
+                       description="Show every volume of the mount at MNT (or only NAMEs), "
+                       "with lvs's columns, and the pool's space.")
     s.add_argument("mountpoint", metavar="MNT")
+    _add_status_options(s)
 
     mg = sub.add_parser("merge", parents=[common], help="merge a snapshot back into its origin",
                         description="Roll the origin back to SNAPSHOT (MNT/NAME@SNAP.img): the origin "
@@ -99,7 +105,64 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("snapshot", metavar="NAME@SNAP")
     ex.add_argument("out", metavar="OUT", help="image file to write, or a block device (e.g. an LV) to overwrite")
     ex.add_argument("--cow-size", metavar="SIZE", help="size of a file OUT (default: the snapshot's cow_size)")
+    _add_lvm_commands(sub, common)
     return p
+
+
+def _add_status_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("names", metavar="NAME", nargs="*",
+                   help="only these volumes (vm, vm@s1 or their file names)")
+    s.add_argument("-o", "--options", action="append", metavar="FIELD[,FIELD...]",
+                   help="columns, by lvs field name (lv_name, lv_attr, lv_size, origin, "
+                   "origin_size, data_percent, metadata_percent, copy_percent, chunk_size, "
+                   "lv_health_status, reason, store, allocated, lv_path, vg_name); "
+                   "+FIELD adds to the default ones")
+    s.add_argument("--json", action="store_true",
+                   help="the report as JSON, like lvs --reportformat json")
+    s.add_argument("--units", metavar="h|b|k|m|g|t", help="size units (default h: human)")
+    s.add_argument("--nosuffix", action="store_true", help="sizes without their unit letter")
+    s.add_argument("--noheadings", action="store_true",
+                   help="no heading line (and no notes or pool line)")
+    s.add_argument("--separator", metavar="SEP", help="separate columns with SEP, not aligned")
+
+
+def _add_lvm_commands(sub, common: argparse.ArgumentParser) -> None:
+    sn = sub.add_parser("snapshot", parents=[common], help="take a snapshot (lvcreate -s)",
+                        description="Take snapshot SNAP of origin volume ORIGIN (MNT/NAME.img); "
+                        "it appears as MNT/NAME@SNAP.img.")
+    sn.add_argument("origin", metavar="ORIGIN", help="the origin's file, e.g. mnt/vm.img")
+    sn.add_argument("snapshot", metavar="SNAP", help="the snapshot's name")
+    sn.add_argument("-c", "--chunksize", metavar="SIZE",
+                    help="chunk size, a power of two from 512 to 1G (default 4K)")
+    sn.add_argument("-L", "--size", metavar="SIZE",
+                    help="COW space (default: room for every origin chunk; the file is sparse)")
+    sn.add_argument("--store", choices=("P", "PO", "N"),
+                    help="P persistent (default), PO persistent with overflow, N transient")
+    sn.add_argument("-p", "--permission", choices=("r", "rw"), default="rw",
+                    help="r: read-only snapshot")
+    sn.add_argument("--discard-zeroes-cow", action="store_true",
+                    help="discards (dmfs discard) zero the snapshot's own chunks")
+    sn.add_argument("--discard-passdown-origin", action="store_true",
+                    help="discards also punch the origin where no other snapshot needs it "
+                    "(needs --discard-zeroes-cow)")
+
+    rm = sub.add_parser("remove", parents=[common], help="remove volumes (lvremove)",
+                        description="Remove snapshots and origins (an origin only once it "
+                        "has no snapshots).")
+    rm.add_argument("files", metavar="FILE", nargs="+")
+
+    rn = sub.add_parser("rename", parents=[common], help="rename a volume (lvrename)",
+                        description="Rename an origin with all its snapshots, or one snapshot "
+                        "(mv on the mount does the same).")
+    rn.add_argument("file", metavar="FILE", help="e.g. mnt/vm.img or mnt/vm@s1.img")
+    rn.add_argument("new", metavar="NEWNAME", help="a name (db, before) or a file name")
+
+    ex = sub.add_parser("extend", parents=[common], help="grow a volume (lvextend -L)",
+                        description="Grow an origin to SIZE (or by +SIZE), or a snapshot's COW "
+                        "space.")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("size", metavar="[+]SIZE", help="e.g. 2G or +512M")
+
 
 
 def main(argv: list[str] | None = None) -> int:

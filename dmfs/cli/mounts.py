@@ -94,3 +94,28 @@ def mount_type(mnt: str) -> str | None:
     """The file system type mounted at `mnt` (topmost mount), or None."""
     entry = mount_entry(mnt)
     return entry.fstype if entry is not None else None
+
+
+def mount_source(mnt: str) -> str | None:
+    """The source field of the topmost mount at `mnt` (``dmfs:POOL`` for a
+    dmfs mount), or None."""
+    mnt = resolve_mountpoint(mnt)
+    source = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if _unescape(fields[4]) == mnt:
+                    source = _unescape(fields[sep + 2])
+    except OSError:
+        return None
+    return source
+
+
+def pool_of(mnt: str) -> str | None:
+    """The pool directory a dmfs mount serves, from its fsname (no daemon needed)."""
+    source = mount_source(mnt)
+    if source and source.startswith("dmfs:"):
+        return source[len("dmfs:"):]
+    return None

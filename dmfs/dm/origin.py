@@ -35,11 +35,13 @@ import functools
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
+from dmio import discard_ranges
 from kcopyd import CopyResult, KcopydClient, Region
 
 from ..errors import DmError, StoreFull
@@ -268,6 +270,41 @@ class Origin(Volume):
         """Pending exceptions completed: wake the write-back cache."""
         self.writeback.kick()
 
+    # -- discard -----------------------------------------------------------------
+
+    def unneeded(self, start: int, end: int, exclude: Snapshot | None = None) -> list[tuple[int, int]]:
+        """The byte intervals [a, b) of [start, end) that no valid snapshot
+        (but `exclude`) still reads from the origin."""
+        free = [(start, min(end, self.size))]
+        for s in self.snapshots:
+            if s is exclude or not s.valid or not s.active:
+                continue
+            free = _intersect(free, s.copied(start, end))
+            if not free:
+                break
+        return [(a, b) for a, b in free if a < b]
+
+    async def discard(self, start: int, end: int) -> int:
+        """Discard [start, end) of the origin: every snapshot first gets its
+        copy of what is there (as for a write), then the range is punched
+        out of the origin's file (it reads zeroes; the space is freed).
+        dm's snapshot-origin target takes no discards; a linear target
+        passes them down, which is what this is once the copies are made.
+
+        The caller has the origin suspended (no write in flight, the
+        write-back cache applied).  Returns the bytes punched.
+        """
+        end = min(end, self.size)
+        if start >= end:
+            return 0
+        await self.copy_out([(start, end)])
+        try:
+            await trio.to_thread.run_sync(discard_ranges, self.fd, [(start, end - start)])
+        except OSError as e:
+            raise DmError(e.errno or errno.EIO, f"discard of {self.filename} failed: {e}") from None
+        self.mtime_ns = time.time_ns()
+        return end - start
+
     # -- name -----------------------------------------------------------------
 
     def rename(self, name: str, path: str | None = None) -> None:
@@ -344,3 +381,18 @@ class Origin(Volume):
         """
         self.load_tunables(tunables)
         await self.raise_event(TunablesChanged(self))
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two sorted lists of disjoint intervals [x, y)."""
+    out, i, j = [], 0, 0
+    b = sorted(b)
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out

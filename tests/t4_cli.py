@@ -356,3 +356,54 @@ def test_torn_tail_is_reported_and_umount_warns_about_transient_snapshots(mounte
     assert "warning: vm@t.img is a transient snapshot (store=N)" in p.stderr
     mounted.start()
     assert sorted(os.listdir(mounted.mnt)) == ["vm.img", "vm@s1.img"]
+
+
+# -- 5: discard --------------------------------------------------------------------------
+
+def test_discard_does_what_dm_does(mounted):
+    vm = make_origin(mounted, size=16 * MiB, fill=16 * MiB)
+    zero = bytes(4 * MiB)
+    dmfs("snapshot", vm, "keep")
+    dmfs("snapshot", vm, "z", "--discard-zeroes-cow")
+    dmfs("snapshot", vm, "zp", "--discard-zeroes-cow", "--discard-passdown-origin")
+    keep, z, zp = (mounted.path(f"vm@{n}.img") for n in ("keep", "z", "zp"))
+    then = pread(keep, 0, 16 * MiB)
+    # refusals, each with its reason
+    assert "taken without discard_zeroes_cow" in refused("discard", keep, "0", "1M")
+    assert "whole 512-byte sectors" in refused("discard", z, "100", "1M")
+    assert "past the end" in refused("discard", z, "15M", "2M")
+    p = run("setfattr", "-n", "user.dmfs.snapshot", "-v", "bad discard_passdown_origin", vm,
+            check=False)
+    assert p.returncode != 0 and "requires discard_zeroes_cow" in error_of(vm)
+    # The origin changes 0-4M: every snapshot gets its copy.
+    pwrite(vm, 0, os.urandom(4 * MiB))
+    now = pread(vm, 0, 16 * MiB)
+    time.sleep(1.1)   # attr_timeout
+    z_blocks = os.stat(z).st_blocks
+    # discard_zeroes_cow: z's own copies (0-4M) read zeroes and are freed;
+    # 4-8M it still shares with the origin: left as it was (as dm does).
+    dmfs("discard", z, "0", "8M")
+    assert pread(z, 0, 4 * MiB) == zero
+    assert pread(z, 4 * MiB, 12 * MiB) == then[4 * MiB:]
+    time.sleep(1.1)
+    assert os.stat(z).st_blocks * 512 <= z_blocks * 512 - 4 * MiB + MiB
+    assert pread(keep, 0, 16 * MiB) == then and pread(vm, 0, 16 * MiB) == now
+    # discard_passdown_origin: the origin range goes too, where no other
+    # snapshot needs it (0-4M: all have copies; 4-8M: keep and z read it).
+    dmfs("discard", zp, "0", "8M")
+    assert pread(zp, 0, 4 * MiB) == zero and pread(vm, 0, 4 * MiB) == zero
+    assert pread(vm, 4 * MiB, 12 * MiB) == now[4 * MiB:]
+    assert pread(zp, 4 * MiB, 12 * MiB) == then[4 * MiB:]
+    assert pread(keep, 0, 16 * MiB) == then
+    # an origin: the snapshots get their copies first, then it is punched
+    dmfs("remove", z, zp)
+    dmfs("discard", vm, "8M", "8M")
+    assert pread(vm, 8 * MiB, 8 * MiB) == bytes(8 * MiB)
+    assert pread(keep, 0, 16 * MiB) == then
+    dmfs("remove", keep)
+    used = json.loads(os.getxattr(mounted.mnt, "user.dmfs.pool_space"))["used"]
+    out = dmfs("discard", vm, "4M", "4M").stdout
+    assert "the pool now uses" in out
+    assert json.loads(os.getxattr(mounted.mnt, "user.dmfs.pool_space"))["used"] <= used - 4 * MiB
+    mounted.restart()                           # the exceptions stay, reading zeroes
+    assert pread(vm, 0, 16 * MiB) == bytes(16 * MiB)

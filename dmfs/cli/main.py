@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module of this package (`mount`,
 `umount`, `create`, `status`, `merge`, `check`, `snapshot`, `remove`,
-`rename`, `extend`) with a `run(args) -> int`;
+`rename`, `extend`, `discard`) with a `run(args) -> int`;
 it is imported only when used, so `dmfs status` does not pay for pyfuse3
 and trio.
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "create", "status", "merge", "check", "import", "export")
 # The everyday LVM actions on a mounted pool (lvcreate -s, lvremove,
-# lvrename, lvextend), each a thin client of the mount.
-COMMANDS += ("snapshot", "remove", "rename", "extend")
+# lvrename, lvextend, and discard), each a thin client of the mount.
+COMMANDS += ("snapshot", "remove", "rename", "extend", "discard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +162,14 @@ def _add_lvm_commands(sub, common: argparse.ArgumentParser) -> None:
                         "space.")
     ex.add_argument("file", metavar="FILE")
     ex.add_argument("size", metavar="[+]SIZE", help="e.g. 2G or +512M")
+
+    dc = sub.add_parser("discard", parents=[common], help="discard a byte range (blkdiscard)",
+                        description="Discard LENGTH bytes at OFFSET of a volume: an origin "
+                        "range is zeroed and its space freed (snapshots keep their copies); "
+                        "a snapshot needs discard_zeroes_cow.")
+    dc.add_argument("file", metavar="FILE")
+    dc.add_argument("offset", metavar="OFFSET", help="bytes, K/M/G suffixes")
+    dc.add_argument("length", metavar="LENGTH", help="bytes, K/M/G suffixes")
 
 
 

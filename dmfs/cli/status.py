@@ -61,7 +61,7 @@ FIELDS: dict[str, tuple[str, bool]] = {
 }
 ALIASES = {"snap_percent": "data_percent", "sync_percent": "copy_percent",
            "attr": "lv_attr", "name": "lv_name", "size": "lv_size", "path": "lv_path",
-           "health_status": "lv_health_status"}
+           "health_status": "lv_health_status", "alloc": "allocated"}
 DEFAULT_FIELDS = ("lv_name", "vg_name", "lv_attr", "lv_size", "origin", "data_percent",
                   "metadata_percent", "copy_percent")
 UNITS = "hbkmgt"

@@ -48,6 +48,7 @@ XA_CHUNK_SIZE = b"user.dmfs.chunk_size"      # snapshot
 XA_COW_SIZE = b"user.dmfs.cow_size"          # snapshot, get and set
 XA_ORIGIN = b"user.dmfs.origin"              # snapshot
 XA_MERGE = b"user.dmfs.merge"                # snapshot: set start; origin: get state, set stop|start
+XA_DISCARD = b"user.dmfs.discard"            # both, set only: "OFFSET LENGTH" (pool/discard.py)
 
 # Attributes of the mount root.
 XA_PID = b"user.dmfs.pid"
@@ -66,7 +67,7 @@ ROOT_GETTABLE = (XA_PID, XA_POOL, XA_POOL_SPACE)
 # Every name this version knows, so that setting a known get-only one
 # says "read-only" (EINVAL) rather than "unknown" (ENODATA).
 _KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE
-                   + (XA_SNAPSHOT, XA_MERGE, XA_ERROR))
+                   + (XA_SNAPSHOT, XA_MERGE, XA_ERROR, XA_DISCARD))
 
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)", re.IGNORECASE)
@@ -161,6 +162,18 @@ def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
     return spec
 
 
+def parse_discard(value: bytes | str) -> tuple[int, int]:
+    """Parse ``'OFFSET LENGTH'`` (sizes, K/M/G suffixes) of user.dmfs.discard.
+
+    Raises:
+      DmError(EINVAL): not two sizes.
+    """
+    words = _text(value, "user.dmfs.discard").split()
+    if len(words) != 2:
+        raise DmError(errno.EINVAL, "user.dmfs.discard takes OFFSET LENGTH (e.g. '0 1M')")
+    return parse_size(words[0]), parse_size(words[1])
+
+
 def _parse_int(value: bytes, attr: bytes, lo: int, hi: int | None) -> int:
     text = _text(value, attr.decode())
     try:
@@ -240,6 +253,10 @@ async def set_xattr(pool, volume, name: bytes, value: bytes) -> None:
     if name == XA_MERGE:
         # Returns promptly: the merge itself runs in the background.
         await pool.set_merge(volume, _text(value, sname).strip())
+        return
+    if name == XA_DISCARD:
+        offset, length = parse_discard(value)
+        await pool.discard(volume, offset, length)
         return
     if volume.is_snapshot:
         if name == XA_COW_SIZE:

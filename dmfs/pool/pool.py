@@ -422,6 +422,11 @@ class Pool:
         from . import rename
         return await rename.rename_snapshot(self, snap, new)
 
+    async def discard(self, volume: Volume, offset: int, length: int) -> None:
+        """`discard.discard` of this pool: the user.dmfs.discard command."""
+        from . import discard
+        await discard.discard(self, volume, offset, length)
+
     async def start_merge(self, snap: Snapshot):
         """`merge.start_merge` of this pool (what `lvconvert --merge` does)."""
         return await merge.start_merge(self, snap)

@@ -186,7 +186,7 @@ def test_xattr_errors(mounted):
     assert ei.value.errno == errno.ENOTSUP
     os.setxattr(vm, "user.dmfs.copy_throttle", b"30")
     assert os.getxattr(vm, "user.dmfs.copy_throttle") == b"30"
-    for args in (["mkdir", mounted.path("d")], ["mv", vm, mounted.path("w.img")],
+    for args in (["mkdir", mounted.path("d")], ["mv", vm, mounted.path("w@x.img")],
                  ["touch", mounted.path("x@y.img")], ["touch", mounted.path("notimg")]):
         assert run(*args, check=False).returncode != 0
     assert os.listdir(mounted.mnt) == ["vm.img"]
@@ -240,11 +240,12 @@ def test_dmfs_status(mounted):
     setfattr(vm, "user.dmfs.snapshot", "s1 chunk_size=4K")
     pwrite(vm, 0, os.urandom(MiB))
     out = dmfs("status", mounted.mnt).stdout.splitlines()
-    assert out[0].split() == ["LV", "Origin", "LSize", "Chunk", "Data%", "State"]
-    assert out[1].split() == ["vm", "1.00g", "active"]
+    assert out[0].split() == ["LV", "VG", "Attr", "LSize", "Origin", "Data%", "Meta%", "Cpy%Sync"]
+    assert out[1].split() == ["vm", "pool", "owi-a-s---", "1.00g"]
     row = out[2].split()
-    assert row[:4] == ["vm@s1", "vm", "1.00g", "4.00k"] and row[5] == "active"
-    assert 0 < float(row[4]) < 1
+    assert row[:5] == ["vm@s1", "pool", "swi-a-s---", "1.00g", "vm"]   # LSize: the COW space
+    assert 0 < float(row[5]) < 1 and 0 <= float(row[6]) <= float(row[5])
+    assert out[3].strip().startswith("pool ")
     p = dmfs("status", mounted.tmp, check=False)
     assert p.returncode == 1 and p.stderr.startswith("dmfs: ")
 

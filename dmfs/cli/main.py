@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             raise leaf
         if not isinstance(leaf, Exception):
             raise
+        if isinstance(leaf, BrokenPipeError):
+            # `dmfs status | head`: the reader has all it wanted.
+            _silence_stdout()
+            return 141
         expected = isinstance(leaf, (QuietError, DmError, OSError))
         if args.debug:
             traceback.print_exception(e)
@@ -204,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             msg += " (run with --debug for a traceback)"
         print(f"dmfs: {msg}", file=sys.stderr)
         return getattr(leaf, "exitcode", 1)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot fail again."""
+    import os
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ def run(args) -> int:
 def check_pool(pool: str, report: Report, repair: bool = False) -> None:
     """Check every origin and store of `pool`; findings go to `report`."""
     names = sorted(os.listdir(pool))
+    if "rename.pending" in names:
+        report.warning("rename.pending", "a rename was interrupted (crash); the next mount "
+                       "finishes it, and until then its files may show below as half renamed")
     listed: set[str] = set()      # store base names (ORIGIN@SNAP) some origin lists
     origins = [n[:-5] for n in names if n.endswith(".json") and n != "pool.json"]
     snapshots = 0

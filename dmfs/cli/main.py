@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", parents=[common], help="merge a snapshot back into its origin",
                         description="Roll the origin back to SNAPSHOT (MNT/NAME@SNAP.img): the origin "
                         "reads as the snapshot at once, the copying runs in the background.")
-    mg.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot file, e.g. mnt/vm@s1.img")
+    mg.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot file, e.g. mnt/vm@s1.img "
+                    "(with --wait, an origin's file follows the merge running into it)")
     mg.add_argument("--wait", action="store_true",
-                    help="wait for the merge to finish, showing progress, rate and ETA")
+                    help="wait for the merge to finish, showing progress, rate and ETA; "
+                    "a merge that already runs is followed")
 
     ck = sub.add_parser("check", parents=[common], help="check an unmounted pool, like fsck",
                         description="Check every store of POOL offline; exit code 0 only when consistent.")

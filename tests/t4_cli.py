@@ -220,6 +220,17 @@ def test_a_rename_a_crash_interrupted_is_finished_at_mount(mounted):
     assert pread(mounted.path("db.img"), 0, 4 * MiB) == now
     assert not (pool / "rename.pending").exists()
     assert "finished the interrupted rename of vm to db" in mounted.log()
+    # A snapshot's rename, interrupted after its .cow moved: the metadata
+    # key moves at the next mount too.
+    assert mounted.daemon.stop() == 0
+    (pool / "rename.pending").write_text(json.dumps({
+        "what": "db@s1.img to db@s2.img", "snapshot": {"origin": "db", "from": "s1", "to": "s2"},
+        "pairs": [["db@s1.cow", "db@s2.cow"], ["db@s1.log", "db@s2.log"]]}))
+    os.rename(pool / "db@s1.cow", pool / "db@s2.cow")
+    mounted.start()
+    assert sorted(os.listdir(mounted.mnt)) == ["db.img", "db@s2.img"]
+    assert pread(mounted.path("db@s2.img"), 0, 4 * MiB) == want
+    assert "s2" in json.loads((pool / "db.json").read_text())["snapshots"]
 
 
 def test_merge_wait_attaches_to_a_running_merge(mounted):

@@ -22,7 +22,7 @@ BENCH_ARGS ?=
 SCALE_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr e2fsprogs fio util-linux \
-                python3-venv gcc python3-dev systemd
+                python3-venv gcc python3-dev systemd xfsprogs btrfs-progs
 
 # "mounted" when MNT is in the mount table as a dmfs FUSE mount
 # (findmnt reads /proc/self/mountinfo, so a hung daemon cannot block it).

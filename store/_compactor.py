@@ -256,6 +256,7 @@ def _compact_file(io: FileIO, log_fd: int, log_path: str, tmp: str, hdr: fmt.Hea
                           frames=done[:fmt.unchanged_records(before, runs, max_runs=max_runs)])
     fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        io.set_nocow(fd)   # as a new store's log (_files.py)
         io.pwrite_all(fd, new.data, 0)
         io.fdatasync(fd)     # complete before its name can be the log
         io.rename(tmp, log_path)

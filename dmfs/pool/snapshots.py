@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 from store import SECTOR, StoreType, create_store, remove_store
 
 from ..dm import Origin, Snapshot, SnapshotConfig, SnapshotTarget
+from ..dm.snapshot import AUTOEXTEND_OFF
 from ..errors import DmError
 from .handover import handover
 from .names import check_name
+from .space import check_room_for_snapshot
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
@@ -39,6 +41,12 @@ class SnapshotSpec:
         origin chunk.
       store: P persistent, PO persistent with overflow, N transient.
       discard_zeroes_cow, discard_passdown_origin: dm's discard features.
+      reserve: allocate the whole COW store now (fallocate), so that the
+        snapshot is never given up for lack of space; ENOSPC if the
+        pool's filesystem cannot hold it.
+      autoextend_threshold, autoextend_percent: grow cow_size by this
+        percentage once the store is this full (lvm.conf's
+        snapshot_autoextend_*; a threshold of 100 never extends).
     """
 
     name: str
@@ -47,6 +55,9 @@ class SnapshotSpec:
     store: StoreType = StoreType.P
     discard_zeroes_cow: bool = False
     discard_passdown_origin: bool = False
+    reserve: bool = False
+    autoextend_threshold: int = AUTOEXTEND_OFF
+    autoextend_percent: int = 20
 
 
 
@@ -59,7 +70,9 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
     in the snapshot; writes after it are not.
 
     Raises:
-      DmError(EEXIST): the name is taken; EINVAL: bad spec.
+      DmError(EEXIST): the name is taken; EINVAL: bad spec; ENOSPC: the
+        pool's filesystem is (nearly) full, or cannot hold a reserved
+        store (the reason is logged).
     """
     check_name(spec.name, "snapshot name")
     store_type = StoreType.parse(spec.store)
@@ -74,14 +87,29 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
             raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
                           "snapshots of a merging origin are not supported")
         cow_size = spec.cow_size if spec.cow_size is not None else default_cow_size(origin, spec.chunk_size)
+        check_room_for_snapshot(pool, f"{origin.name}@{spec.name}", spec.chunk_size)
         base = pool._store_base(origin.name, spec.name)
         await remove_store(base)  # leftovers of a crash mid-create
-        store = await create_store(base, type_name=store_type, chunk_size=spec.chunk_size, cow_size=cow_size,
-                                   spawn=pool.nursery.start_soon)
+        try:
+            store = await create_store(base, type_name=store_type, chunk_size=spec.chunk_size,
+                                       cow_size=cow_size, spawn=pool.nursery.start_soon)
+        except DmError as e:
+            if e.errno == errno.ENOSPC:
+                log.warning("not taking snapshot %s@%s: %s", origin.name, spec.name, e)
+            raise
         cfg = SnapshotConfig(store=store_type, discard_zeroes_cow=spec.discard_zeroes_cow,
-                             discard_passdown_origin=spec.discard_passdown_origin)
+                             discard_passdown_origin=spec.discard_passdown_origin,
+                             reserve=spec.reserve, autoextend_threshold=spec.autoextend_threshold,
+                             autoextend_percent=spec.autoextend_percent)
         snap = Snapshot(origin, spec.name, store, origin.size, cfg)
         try:
+            if spec.reserve:
+                try:
+                    await store.reserve_space()
+                except DmError as e:
+                    log.warning("not taking snapshot %s: its whole COW store (reserve, %d bytes) "
+                                "does not fit: %s", snap.name, cow_size, e)
+                    raise
             await origin.device.suspend()
             try:
                 origin.register(snap)
@@ -95,8 +123,9 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
         except BaseException:
             await store.destroy()
             raise
-    log.info("created snapshot %s (chunk %d, cow %d, store %s)", snap.name, snap.chunk_size, cow_size,
-             store_type.value)
+    log.info("created snapshot %s (chunk %d, cow %d, store %s%s)", snap.name, snap.chunk_size, cow_size,
+             store_type.value, ", reserved" if spec.reserve else "")
+    pool.space.kick()
     return snap
 
 
@@ -177,6 +206,10 @@ async def set_cow_size(pool: Pool, snap: Snapshot, nbytes: int) -> None:
 
         async def change():
             # A reload with a bigger COW device, as lvextend does.
+            before = snap.store.cow_size
+            if snap.config.reserve and nbytes > before:
+                # A reserved store stays reserved whole (ENOSPC: unchanged).
+                await snap.store.reserve_space(before, nbytes)
             await snap.store.set_cow_size(nbytes)
             snap.device.swap_table(SnapshotTarget(snap, readonly=old.readonly))
         await handover(snap, change)

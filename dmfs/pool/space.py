@@ -1,0 +1,322 @@
+"""The pool's space: the filesystem under it, what its snapshots may still
+need of it, warnings before it fills, and autoextend (dmeventd's part).
+
+Snapshot stores are sparse files: by default each may grow to the size
+of its origin, so a few snapshots promise more room than the filesystem
+has (overcommit), as the volumes of an LVM thin pool do.  What happens
+when it runs out is the core's mechanism (dm/origin.py, "Out of space":
+one snapshot at a time is given up, the newest first); what is here
+makes it rarer and never a surprise:
+
+* `PoolFs`: what kind of filesystem holds the pool.  Where an overwrite
+  may need new space (btrfs; any filesystem whose files can share
+  extents, as copy_file_range makes them on XFS with reflink), the
+  origins' write-back cache acknowledges nothing early
+  (`writeback_policy`); elsewhere it allocates a write's range before
+  acknowledging it.
+* `space_report`: the filesystem's size and free space, and what the
+  snapshots and the origins' holes may still need of it: the
+  overcommit is what that exceeds the free space by.
+* `SpaceWatcher`, a periodic task (every `CHECK_INTERVAL` seconds:
+  a statvfs and each store's counters): one warning in the log each
+  time a store or the pool's filesystem crosses 80, 85, 90 and 95 %
+  full, as dmeventd's snapshot plugin does for a snapshot; one when the
+  pool becomes overcommitted; and autoextend: a snapshot whose store is
+  `autoextend_threshold` % full grows by `autoextend_percent` % (or
+  more, to get below the threshold), as lvm.conf's
+  snapshot_autoextend_threshold / _percent have `lvextend
+  --use-policies` do.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from dmio import space
+
+from ..dm import Origin, Snapshot
+from ..dm.snapshot import AUTOEXTEND_OFF
+from ..dm.writeback import SpacePolicy
+from ..errors import DmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import Pool
+
+log = logging.getLogger(__name__)
+
+#: dmeventd's snapshot plugin: first warning at 80 %, then every 5 %.
+WARNING_THRESHOLD = 80
+CHECK_STEP = 5
+#: Below this, thresholds are not tracked (dmeventd's CHECK_MINIMUM).
+CHECK_MINIMUM = 50
+#: Seconds between two checks (dmeventd polls every 10 s; a check costs
+#: a statvfs and a few counters, and a small store fills in seconds).
+CHECK_INTERVAL = 1.0
+#: A new snapshot is refused (ENOSPC) when less than this is free.
+MIN_FREE_FOR_SNAPSHOT = 1 << 20
+
+_KINDS = {space.BTRFS_MAGIC: "btrfs", space.XFS_MAGIC: "xfs", space.EXT4_MAGIC: "ext4",
+          space.TMPFS_MAGIC: "tmpfs"}
+
+
+@dataclass(frozen=True)
+class PoolFs:
+    """The filesystem holding a pool directory.
+
+    Attributes:
+      kind: "ext4", "xfs", "btrfs", "tmpfs" or "other".
+      shares_extents: its files can share extents (reflink), so copies
+        into the stores may share the origin's blocks.
+      overwrite_needs_space: an overwrite of a file may need new space
+        (btrfs always; a filesystem whose extents may be shared).
+    """
+    kind: str
+    shares_extents: bool
+    overwrite_needs_space: bool
+
+    @classmethod
+    def detect(cls, path: str, probe: bool = True) -> PoolFs:
+        """What the filesystem holding directory `path` is.
+
+        Args:
+          probe: try a reflink between two scratch files in `path` (the
+            pool's own directory only); otherwise, and when it cannot be
+            tried (a full filesystem), XFS and btrfs count as sharing.
+        """
+        magic = space.fs_magic(path)
+        kind = _KINDS.get(magic, "other")
+        shares = space.shares_extents(path) if probe else None
+        if shares is None:
+            shares = kind in ("xfs", "btrfs")
+        return cls(kind, shares, kind == "btrfs" or shares)
+
+
+def writeback_policy(fs: PoolFs, origin: Origin) -> SpacePolicy:
+    """When `origin`'s write-back cache may acknowledge a write early."""
+    try:
+        st = os.fstat(origin.fd)
+    except OSError:
+        return SpacePolicy.NEVER
+    if stat.S_ISBLK(st.st_mode):
+        return SpacePolicy.FREE      # a block device never needs new space
+    if origin.backing is not None:
+        # An adopted file elsewhere: judge its own filesystem (by its
+        # kind only: no scratch files in somebody else's directory).
+        fs = PoolFs.detect(os.path.dirname(origin.backing) or ".", probe=False)
+    return SpacePolicy.NEVER if fs.overwrite_needs_space else SpacePolicy.RESERVE
+
+
+def snapshot_need(s: Snapshot) -> int:
+    """Bytes `s`'s store may still take from the filesystem: its room left,
+    but no more than the chunks it has not copied yet; 0 for a store
+    reserved whole, an invalid snapshot or a merging one."""
+    if not s.valid or s.store is None or s.merging or s.config.reserve:
+        return 0
+    allocated, total, _ = s.store.usage()
+    room = max(0, (total - allocated) * 512)
+    uncopied = max(0, -(-s.size // s.chunk_size) - len(s.exceptions)) * s.chunk_size
+    return min(room, uncopied)
+
+
+def origin_need(o: Origin) -> int:
+    """Bytes `o`'s backing file may still take: the holes of a sparse
+    origin in the pool (an adopted file or device is not counted)."""
+    if o.backing is not None:
+        return 0
+    try:
+        return max(0, o.size - os.fstat(o.fd).st_blocks * 512)
+    except OSError:
+        return 0
+
+
+def store_percent(s: Snapshot) -> float | None:
+    """How full `s`'s store is, in percent (dmsetup status's ratio)."""
+    if not s.valid or s.store is None:
+        return None
+    allocated, total, _ = s.store.usage()
+    return 100.0 * allocated / total if total else 0.0
+
+
+def space_report(pool: Pool) -> dict:
+    """The pool's space as `user.dmfs.space` and `dmfs status` show it.
+
+    size, free, used: bytes of the pool's filesystem (free: what an
+      unprivileged writer may still use, as df's Avail); used_percent as
+      df's Use%;
+    need: what the snapshots (and the origins' holes) may still take;
+    overcommit: how much `need` exceeds `free` by (0: everything fits);
+    overcommit_percent: need / free in percent (over 100: overcommitted);
+    fs, overwrite_needs_space, early_ack: the filesystem's kind, and
+      whether writes are acknowledged before they are applied;
+    given_up: snapshots given up for space since the mount;
+    snapshots: per snapshot "used_percent", "need", "reserve".
+    """
+    st = os.statvfs(pool.path)
+    size = st.f_blocks * st.f_frsize
+    free = st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    snaps: dict[str, dict] = {}
+    need = 0
+    for o in pool.origins():
+        need += origin_need(o)
+        for s in o.snapshots:
+            n = snapshot_need(s)
+            need += n
+            pct = store_percent(s)
+            snaps[s.name] = {"used_percent": None if pct is None else round(pct, 2), "need": n,
+                             "reserve": s.config.reserve, "state": s.state()}
+    fs = pool.fs
+    return {
+        "path": pool.path, "fs": fs.kind if fs else "unknown",
+        "size": size, "free": free, "used": used,
+        "used_percent": round(100.0 * used / (used + free), 2) if used + free else 0.0,
+        "need": need, "overcommit": max(0, need - free),
+        "overcommit_percent": round(100.0 * need / free, 1) if free else None,
+        "overwrite_needs_space": fs.overwrite_needs_space if fs else None,
+        "early_ack": sorted(o.name for o in pool.origins() if o.writeback.enabled),
+        "given_up": sum(o.given_up for o in pool.origins()),
+        "snapshots": snaps,
+    }
+
+
+def check_room_for_snapshot(pool: Pool, name: str, chunk_size: int) -> None:
+    """Refuse a new snapshot when the pool's filesystem is (nearly) full.
+
+    Raises:
+      DmError(ENOSPC): with the reason, which is also logged.
+    """
+    st = os.statvfs(pool.path)
+    free = st.f_bavail * st.f_frsize
+    want = max(MIN_FREE_FOR_SNAPSHOT, 16 * chunk_size)
+    if free < want:
+        msg = (f"not taking snapshot {name}: the pool's filesystem has {free} bytes free, "
+               f"less than {want}")
+        log.warning("%s", msg)
+        raise DmError(errno.ENOSPC, msg)
+
+
+def autoextend_size(s: Snapshot, percent_full: float, cap: int) -> int | None:
+    """The cow_size `s` grows to under its autoextend policy, or None.
+
+    As LVM's policy: once usage is above the threshold, grow by
+    `autoextend_percent` % — or by more, if that would not bring usage
+    below the threshold — but never beyond `cap` (room for every chunk).
+    """
+    cfg = s.config
+    if cfg.autoextend_threshold >= AUTOEXTEND_OFF or s.store is None:
+        return None
+    if percent_full < cfg.autoextend_threshold:
+        return None
+    cow = s.store.cow_size
+    if cow >= cap:
+        return None
+    needed = -(-int(percent_full * 100) // cfg.autoextend_threshold) - 100   # %, rounded up
+    grow = max(cfg.autoextend_percent, needed)
+    new = cow + cow * grow // 100
+    new = -(-new // s.chunk_size) * s.chunk_size   # whole chunks
+    return min(max(new, cow + s.chunk_size), cap)
+
+
+class ThresholdWatch:
+    """One warning per 5 % step from 80 % on, as dmeventd's snapshot plugin:
+    after a warning at P %, the next comes at the next multiple of 5
+    above P.  When usage drops (a store grown, a snapshot given up), the
+    steps start again from where it is."""
+
+    def __init__(self) -> None:
+        self.next = CHECK_MINIMUM
+
+    def update(self, percent: float) -> bool:
+        """True if `percent` crossed a step at or above 80 %: warn now."""
+        step = int(percent) // CHECK_STEP * CHECK_STEP
+        if percent < self.next - 2 * CHECK_STEP:
+            self.next = max(CHECK_MINIMUM, step + CHECK_STEP)
+        if percent < self.next:
+            return False
+        self.next = step + CHECK_STEP
+        return percent >= WARNING_THRESHOLD
+
+
+class SpaceWatcher:
+    """The pool's periodic space check (see the module's docstring)."""
+
+    def __init__(self, pool: Pool, interval: float = CHECK_INTERVAL):
+        self.pool = pool
+        self.interval = interval
+        self.checks = 0
+        self._fs_watch = ThresholdWatch()
+        self._store_watch: dict[Snapshot, tuple[int, ThresholdWatch]] = {}
+        self._overcommitted = False
+        self._wake = trio.Event()
+        self.cancel_scope = trio.CancelScope()
+
+    def kick(self) -> None:
+        """Check now (a snapshot was given up, taken, or grown)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        with self.cancel_scope:
+            while True:
+                try:
+                    await self.check()
+                except Exception:  # a bug must not stop the watch, nor the daemon
+                    log.exception("space check of %s failed", self.pool.path)
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def check(self) -> None:
+        pool = self.pool
+        self.checks += 1
+        rep = space_report(pool)
+        if self._fs_watch.update(rep["used_percent"]):
+            log.warning("WARNING: the filesystem of pool %s is now %.2f%% full (%d bytes free)",
+                        pool.path, rep["used_percent"], rep["free"])
+        over = rep["overcommit"] > 0
+        if over and not self._overcommitted:
+            log.warning("WARNING: pool %s is overcommitted: its snapshots and origins may still "
+                        "need %d bytes, %d more than the %d free; when it fills, snapshots are "
+                        "given up, the newest first", pool.path, rep["need"], rep["overcommit"],
+                        rep["free"])
+        elif self._overcommitted and not over:
+            log.info("pool %s is no longer overcommitted (%d bytes needed at most, %d free)",
+                     pool.path, rep["need"], rep["free"])
+        self._overcommitted = over
+        live: dict[Snapshot, tuple[int, ThresholdWatch]] = {}
+        for o in pool.origins():
+            for s in list(o.snapshots):
+                pct = store_percent(s)
+                if pct is None:
+                    continue
+                size = s.store.cow_size
+                known, watch = self._store_watch.get(s, (size, ThresholdWatch()))
+                if known != size:          # grown: start again (dmeventd)
+                    watch = ThresholdWatch()
+                live[s] = (size, watch)
+                if watch.update(pct):
+                    log.warning("WARNING: snapshot %s is now %.2f%% full", s.name, pct)
+                await self._autoextend(s, pct)
+        self._store_watch = live
+        await pool.save_dirty()
+
+    async def _autoextend(self, s: Snapshot, pct: float) -> None:
+        from .snapshots import default_cow_size
+        new = autoextend_size(s, pct, default_cow_size(s.origin, s.chunk_size))
+        if new is None:
+            return
+        old = s.store.cow_size
+        try:
+            await self.pool.set_cow_size(s, new)
+        except DmError as e:
+            log.error("snapshot %s: autoextend from %d to %d bytes failed: %s", s.name, old, new, e)
+            return
+        log.info("snapshot %s was %.2f%% full: autoextended from %d to %d bytes "
+                 "(autoextend_threshold=%d autoextend_percent=%d)", s.name, pct, old, new,
+                 s.config.autoextend_threshold, s.config.autoextend_percent)

@@ -63,6 +63,30 @@ def collect(mnt: str) -> list[dict]:
     return rows
 
 
+def pool_space(mnt: str) -> dict | None:
+    """The pool's space (``user.dmfs.space`` of the mount root), or None
+    from a daemon too old to have it."""
+    try:
+        return json.loads(os.getxattr(mnt, "user.dmfs.space"))
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise QuietError(f"{mnt}: {e.strerror}") from None
+
+
+def format_pool_space(sp: dict) -> str:
+    """One line: the pool's filesystem, its size and free space, and how
+    much more its snapshots may still need than that (the overcommit)."""
+    line = (f"  Pool {sp.get('fs', '?')}: size {human_size(sp.get('size'))}, "
+            f"free {human_size(sp.get('free'))} ({100 - sp.get('used_percent', 0):.1f}%), "
+            f"snapshots may still need {human_size(sp.get('need')) or '0'}")
+    over = sp.get("overcommit") or 0
+    line += f", overcommitted by {human_size(over)}" if over else ", not overcommitted"
+    if sp.get("given_up"):
+        line += f"; {sp['given_up']} snapshot(s) given up for space"
+    return line
+
+
 def run(args) -> int:
     from .mounts import FSTYPE, mount_type
 
@@ -72,4 +96,7 @@ def run(args) -> int:
     if mount_type(mnt) != FSTYPE:
         raise QuietError(f"{mnt} is not a dmfs mount")
     print(format_table(collect(mnt)))
+    sp = pool_space(mnt)
+    if sp is not None:
+        print(format_pool_space(sp))
     return 0

@@ -331,3 +331,23 @@ def test_snapshot_spec_space_options():
         with pytest.raises(DmError) as ei:
             parse_snapshot_spec(bad)
         assert ei.value.errno == errno.EINVAL
+
+
+async def test_deleting_an_invalid_snapshot_on_a_full_pool_frees_its_data_first(pool, monkeypatch):
+    o = await pool.create_origin("vm", MiB)
+    await o.write(0, pattern(16, MiB))
+    s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=16 * KiB))
+    await o.write(0, pattern(17, MiB))
+    s.invalidate("test")
+    await s.invalid_durable.wait()
+    real, calls = pool.save_origin, []
+
+    async def save_origin(origin):
+        calls.append(os.stat(s.store.cow_path).st_blocks)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        await real(origin)
+
+    monkeypatch.setattr(pool, "save_origin", save_origin)
+    await pool.delete_snapshot(s)
+    assert calls[0] > 0 and calls[1] == 0 and not o.snapshots

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dmio.space import NOSPACE
 from store import SECTOR, StoreType, create_store, remove_store
 
 from ..dm import Origin, Snapshot, SnapshotConfig, SnapshotTarget
@@ -155,7 +156,17 @@ async def delete_snapshot(pool: Pool, snap: Snapshot) -> None:
         try:
             origin.unregister(snap)
             try:
-                await pool.save_origin(origin)
+                try:
+                    await pool.save_origin(origin)
+                except OSError as e:
+                    if e.errno not in NOSPACE or snap.valid or snap.store is None \
+                            or not snap.store.invalid_recorded:
+                        raise
+                    # A full filesystem: an invalid snapshot's data can go
+                    # first (its header says it is invalid), which makes
+                    # room for the metadata.
+                    await snap.store.release_space()
+                    await pool.save_origin(origin)
             except BaseException:
                 origin.register(snap)
                 raise

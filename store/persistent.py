@@ -46,6 +46,8 @@ from typing import Callable
 
 import trio
 
+from dmio import space
+
 from . import format as fmt
 from ._compactor import Compactor
 from ._files import LOG_COMPACT_SUFFIX as LOG_COMPACT_SUFFIX
@@ -63,6 +65,14 @@ from .fileio import OS_IO, FileIO
 from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
+
+
+def _cow_log(path: str, fd: int) -> bool:
+    """A log on btrfs that is not NOCOW (made before logs were): its
+    header cannot be rewritten on a full filesystem, so it is rewritten
+    once into a NOCOW file (FORMAT.md "Space")."""
+    return space.fs_magic(os.path.dirname(path) or ".") == space.BTRFS_MAGIC \
+        and not space.is_nocow(fd)
 
 
 def _kept(path: str) -> property:
@@ -237,7 +247,8 @@ class PersistentStore(ExceptionStore):
                                           self.cow_fd, self.cow_size)
         except OSError as e:
             raise DmError(errno.EIO, f"cannot repair {self.log_path}: {e}") from None
-        await self._compactor.at_open(st.runs)
+        await self._compactor.at_open(st.runs, rewrite=self._io is OS_IO and _cow_log(self.log_path,
+                                                                                   self.log_fd))
 
     def exceptions(self) -> array:
         """Hand over the exceptions the log held at open (see

@@ -23,7 +23,7 @@ from ..dm.snapshot import AUTOEXTEND_OFF
 from ..errors import DmError
 from .handover import handover
 from .names import check_name
-from .space import check_room_for_snapshot
+from .space import check_room_for_snapshot, default_cow_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
@@ -128,16 +128,6 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
              store_type.value, ", reserved" if spec.reserve else "")
     pool.space.kick()
     return snap
-
-
-def default_cow_size(origin: Origin, chunk_size: int) -> int:
-    """Room for every origin chunk plus header and metadata areas: such a
-    snapshot cannot overflow from origin writes (dmtest's
-    max_snapshot_size does the same sum)."""
-    nr_chunks = -(-origin.size // chunk_size)
-    epa = chunk_size // 16
-    nr_areas = -(-(nr_chunks + 1) // epa)
-    return chunk_size * (1 + nr_areas + nr_chunks + 1)
 
 
 async def delete_snapshot(pool: Pool, snap: Snapshot) -> None:

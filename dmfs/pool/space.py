@@ -20,8 +20,10 @@ makes it rarer and never a surprise:
 * `SpaceWatcher`, a periodic task (every `CHECK_INTERVAL` seconds:
   a statvfs and each store's counters): one warning in the log each
   time a store or the pool's filesystem crosses 80, 85, 90 and 95 %
-  full, as dmeventd's snapshot plugin does for a snapshot; one when the
-  pool becomes overcommitted; and autoextend: a snapshot whose store is
+  full, as dmeventd's snapshot plugin does for a snapshot (a store with
+  room for every chunk of its origin cannot overflow and is not warned
+  about, as dmeventd stops watching a fully provisioned snapshot); one
+  when the pool becomes overcommitted; and autoextend: a snapshot whose store is
   `autoextend_threshold` % full grows by `autoextend_percent` % (or
   more, to get below the threshold), as lvm.conf's
   snapshot_autoextend_threshold / _percent have `lvextend
@@ -111,6 +113,16 @@ def writeback_policy(fs: PoolFs, origin: Origin) -> SpacePolicy:
         # kind only: no scratch files in somebody else's directory).
         fs = PoolFs.detect(os.path.dirname(origin.backing) or ".", probe=False)
     return SpacePolicy.NEVER if fs.overwrite_needs_space else SpacePolicy.RESERVE
+
+
+def default_cow_size(origin: Origin, chunk_size: int) -> int:
+    """Room for every origin chunk plus header and metadata areas: such a
+    snapshot cannot overflow from origin writes (dmtest's
+    max_snapshot_size does the same sum)."""
+    nr_chunks = -(-origin.size // chunk_size)
+    epa = chunk_size // 16
+    nr_areas = -(-(nr_chunks + 1) // epa)
+    return chunk_size * (1 + nr_areas + nr_chunks + 1)
 
 
 def snapshot_need(s: Snapshot) -> int:
@@ -300,14 +312,16 @@ class SpaceWatcher:
                 if known != size:          # grown: start again (dmeventd)
                     watch = ThresholdWatch()
                 live[s] = (size, watch)
-                if watch.update(pct):
+                # A store with room for every chunk of its origin (the
+                # default) cannot overflow: only the filesystem's warnings
+                # concern it (dmeventd stops watching such a snapshot).
+                if size < default_cow_size(o, s.chunk_size) and watch.update(pct):
                     log.warning("WARNING: snapshot %s is now %.2f%% full", s.name, pct)
                 await self._autoextend(s, pct)
         self._store_watch = live
         await pool.save_dirty()
 
     async def _autoextend(self, s: Snapshot, pct: float) -> None:
-        from .snapshots import default_cow_size
         new = autoextend_size(s, pct, default_cow_size(s.origin, s.chunk_size))
         if new is None:
             return

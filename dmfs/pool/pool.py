@@ -296,6 +296,7 @@ class Pool:
         """What the pool does when an origin raises an event (dmeventd's part)."""
         if isinstance(event, SnapshotInvalidated):
             snap = event.snapshot
+            self.space.check_fs()
             try:
                 await self.save_origin(snap.origin)
             except OSError as e:

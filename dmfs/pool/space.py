@@ -284,13 +284,27 @@ class SpaceWatcher:
                     await self._wake.wait()
                 self._wake = trio.Event()
 
+    def check_fs(self) -> None:
+        """Look at the filesystem alone, now (a snapshot is being given up:
+        the filesystem is full, and the release is about to change that)."""
+        try:
+            st = os.statvfs(self.pool.path)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        self._warn_fs(100.0 * used / (used + free) if used + free else 0.0, free)
+
+    def _warn_fs(self, percent: float, free: int) -> None:
+        if self._fs_watch.update(percent):
+            log.warning("WARNING: the filesystem of pool %s is now %.2f%% full (%d bytes free)",
+                        self.pool.path, percent, free)
+
     async def check(self) -> None:
         pool = self.pool
         self.checks += 1
         rep = space_report(pool)
-        if self._fs_watch.update(rep["used_percent"]):
-            log.warning("WARNING: the filesystem of pool %s is now %.2f%% full (%d bytes free)",
-                        pool.path, rep["used_percent"], rep["free"])
+        self._warn_fs(rep["used_percent"], rep["free"])
         over = rep["overcommit"] > 0
         if over and not self._overcommitted:
             log.warning("WARNING: pool %s is overcommitted: its snapshots and origins may still "

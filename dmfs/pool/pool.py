@@ -189,7 +189,7 @@ class Pool:
         if self.closed:
             return
         self.closed = True
-        self.space.cancel_scope.cancel()
+        await self.space.stop()
         errors: list[DmError] = []
         for origin in list(self._origins.values()):
             await self._close_origin(origin, errors)

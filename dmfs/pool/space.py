@@ -267,15 +267,18 @@ class SpaceWatcher:
         self._store_watch: dict[Snapshot, tuple[int, ThresholdWatch]] = {}
         self._overcommitted = False
         self._wake = trio.Event()
-        self.cancel_scope = trio.CancelScope()
+        self._stopping = False
+        self._running: trio.Event | None = None   # set once `run` ended
 
     def kick(self) -> None:
         """Check now (a snapshot was given up, taken, or grown)."""
         self._wake.set()
 
     async def run(self) -> None:
-        with self.cancel_scope:
-            while True:
+        """Check every `interval` seconds (or when kicked) until `stop`."""
+        self._running = trio.Event()
+        try:
+            while not self._stopping:
                 try:
                     await self.check()
                 except Exception:  # a bug must not stop the watch, nor the daemon
@@ -283,6 +286,16 @@ class SpaceWatcher:
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
                 self._wake = trio.Event()
+        finally:
+            self._running.set()
+
+    async def stop(self) -> None:
+        """End `run` after the check under way (never in the middle of an
+        autoextend: that is a table handover)."""
+        self._stopping = True
+        self._wake.set()
+        if self._running is not None:
+            await self._running.wait()
 
     def check_fs(self) -> None:
         """Look at the filesystem alone, now (a snapshot is being given up:

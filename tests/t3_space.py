@@ -351,3 +351,34 @@ async def test_deleting_an_invalid_snapshot_on_a_full_pool_frees_its_data_first(
     monkeypatch.setattr(pool, "save_origin", save_origin)
     await pool.delete_snapshot(s)
     assert calls[0] > 0 and calls[1] == 0 and not o.snapshots
+
+
+async def test_an_invalid_flag_only_the_store_has_reaches_the_metadata_at_the_next_mount(
+        tmp_path, nursery, monkeypatch):
+    """The metadata could not be rewritten (full filesystem) when a snapshot
+    was invalidated; its store's header has the flag; the next mount makes
+    the two agree."""
+    import json
+
+    path = str(tmp_path / "pool")
+    p = await Pool.open(path, nursery)
+    o = await p.create_origin("vm", MiB)
+    s = await p.create_snapshot(o, SnapshotSpec("s1", chunk_size=16 * KiB))
+
+    async def no_room(origin):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(p, "save_origin", no_room)
+    s.invalidate("test: no room for the metadata")
+    await s.invalid_durable.wait()
+    assert s.store.invalid_recorded and s.invalid_on_disk
+    assert "vm" in p._dirty
+    await p.close()
+    meta = json.load(open(os.path.join(path, "vm.json")))
+    assert meta["snapshots"]["s1"]["invalid"] is None           # only the header has it
+    p = await Pool.open(path, nursery)
+    s = p.lookup("vm@s1.img")
+    assert not s.valid
+    meta = json.load(open(os.path.join(path, "vm.json")))
+    assert meta["snapshots"]["s1"]["invalid"]                   # now both
+    await p.close()

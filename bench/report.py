@@ -109,6 +109,26 @@ class Results:
         ratio_text = "" if system == FLOOR else ("-" if ratio is None else f"{ratio:.2f}")
         return f"{fmt(cell.median):>11} {ratio_text:>6} {cell.cpu_median:>6.1f}"
 
+    def versus_text(self, a: str, b: str) -> str:
+        """Per workload: the median and range of a/b over the runs paired in
+        order (run 1 with run 1, ...), and a/b of the CPU seconds."""
+        lines = []
+        for w in self.workloads:
+            ca, cb = self.cells.get((a, w.name)), self.cells.get((b, w.name))
+            if ca is None or cb is None:
+                continue
+            pairs = [x / y for x, y in zip(ca.values, cb.values) if y]
+            cpu = [x / y for x, y in zip(ca.cpu, cb.cpu) if y]
+            if not pairs:
+                lines.append(f"  {w.name:<22} n/a")
+                continue
+            text = (f"  {w.name:<22} {statistics.median(pairs):5.2f} "
+                    f"({min(pairs):.2f}-{max(pairs):.2f})")
+            if cpu:
+                text += f"   cpu {statistics.median(cpu):5.2f} ({min(cpu):.2f}-{max(cpu):.2f})"
+            lines.append(text)
+        return "\n".join(lines)
+
     def notes(self) -> list[str]:
         return [f"{s} {w.name}: {self.cells[(s, w.name)].note}"
                 for w in self.workloads for s in self.systems if self.cells[(s, w.name)].note]

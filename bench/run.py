@@ -2,6 +2,7 @@
 
     python bench/run.py [--size 1G] [--runs 3] [--quick] [--only W,...]
                         [--systems S,...] [--json out.json] [--workdir DIR]
+                        [--baseline REV]
 
 For every system (columns: passthrough, dmfs, qsd-cbw when installed) and
 workload (rows, see `bench.workloads` and README.md) it takes the median of
@@ -10,6 +11,12 @@ writes, and prints one table of MB/s or IOPS, the ratio to the passthrough
 and the daemon's CPU seconds, then the issue's targets as PASS/FAIL/n/a.
 With ``seq-write-first`` selected it first measures the durable-COW disk
 floor (`bench.floor`): the COW first write's own I/O without FUSE.
+
+With ``--baseline REV`` a column ``dmfs-base`` runs dmfs as it was at git
+revision REV, and the runs go in rounds (every system's run 1, then every
+system's run 2, ...), so the two dmfs columns alternate A B A B on a
+machine whose speed drifts; the table then also gives dmfs / dmfs-base
+per workload, median and range of the pair-by-pair ratios.
 
 Everything it creates lives in a temporary directory (under /tmp or
 ``--workdir``) and is removed at the end, with the mounts and loop devices,
@@ -27,6 +34,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +46,7 @@ from bench.common import (Unavailable, cpu_seconds, drop_file_cache,  # noqa: E4
                           find_tool, human_size, parse_size, profiler, remove_tree, run)
 from bench.floor import durable_cow_floor  # noqa: E402
 from bench.report import Results  # noqa: E402
-from bench.systems import REPO, SYSTEMS, System  # noqa: E402
+from bench.systems import REPO, SYSTEMS, DmfsBaseline, System  # noqa: E402
 from bench.workloads import SCENARIOS, WORKLOADS, Context, Scenario  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -73,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="record py-spy (--gil) of the Python daemons during every measured "
                    "step into DIR/SYSTEM-WORKLOAD-runN.txt (perturbs the numbers a little)")
+    p.add_argument("--baseline", metavar="REV",
+                   help="also run dmfs as it was at git revision REV, alternating with this "
+                   "tree's, and print the ratios")
     p.add_argument("-v", "--verbose", action="store_true", help="log every command")
     args = p.parse_args(argv)
     args.size = parse_size(args.size or (QUICK_SIZE if args.quick else "1G"))
@@ -129,7 +140,8 @@ class Runner:
         finally:
             remove_tree(directory)   # 2 x --size: not kept beside the systems' images
 
-    def run_system(self, system: System) -> None:
+    def run_system(self, system: System, runs: list[int]) -> None:
+        """Run numbers `runs` of every selected scenario on `system`."""
         for scenario in SCENARIOS:
             steps = scenario.plan(set(self.args.only))
             if not steps:
@@ -140,7 +152,7 @@ class Runner:
             if reason:
                 self.note_all(system, names, f"n/a: {reason}")
                 continue
-            for r in range(1, self.args.runs + 1):
+            for r in runs:
                 try:
                     self.run_once(system, scenario, steps, r)
                 except Unavailable as e:
@@ -235,6 +247,17 @@ def detach_stray_loops(workdir: str) -> None:
             run(["losetup", "-d", "/dev/" + path.split("/")[3]], check=False)
 
 
+def extract_revision(rev: str, dest: str) -> str:
+    """The source tree of git revision `rev` of this repository, under `dest`."""
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", rev],
+                             capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"bench: --baseline {rev}: {archive.stderr.decode().strip() or 'not a revision'}")
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    return dest
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -257,6 +280,10 @@ def main(argv=None) -> int:
 
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="dmfs-bench-", dir=args.workdir))
     systems = [cls(workdir, sys.executable) for cls in SYSTEMS if cls.key in args.systems]
+    if args.baseline:
+        tree = extract_revision(args.baseline, os.path.join(workdir, "baseline-src"))
+        i = next((i + 1 for i, s in enumerate(systems) if s.key == "dmfs"), len(systems))
+        systems.insert(i, DmfsBaseline(workdir, sys.executable, tree, args.baseline))
     selected = [w for w in WORKLOADS if w.name in args.only]
     results = Results([s.key for s in systems], selected)
     runner = Runner(args, results)
@@ -270,18 +297,25 @@ def main(argv=None) -> int:
             line = results.disk_floor_text()
             print(line, flush=True)
             head += "\n" + line
-        for system in systems:
-            try:
-                system.check()
-                system.start()
-            except Unavailable as e:
-                runner.say(f"{system.key}: not measured: {e}")
-                runner.note_all(system, args.only, f"n/a: {e}")
-                continue
-            try:
-                runner.run_system(system)
-            finally:
-                system.stop()
+        all_runs = list(range(1, args.runs + 1))
+        rounds = [[r] for r in all_runs] if args.baseline else [all_runs]
+        unavailable: set[str] = set()
+        for runs in rounds:
+            for system in systems:
+                if system.key in unavailable:
+                    continue
+                try:
+                    system.check()
+                    system.start()
+                except Unavailable as e:
+                    runner.say(f"{system.key}: not measured: {e}")
+                    runner.note_all(system, args.only, f"n/a: {e}")
+                    unavailable.add(system.key)
+                    continue
+                try:
+                    runner.run_system(system, runs)
+                finally:
+                    system.stop()
     except KeyboardInterrupt:
         interrupted = True
         print("\nbench: interrupted; cleaning up and printing what was measured",
@@ -297,6 +331,10 @@ def main(argv=None) -> int:
     print(results.table())
     for note in results.notes():
         print("  " + note)
+    if args.baseline:
+        print()
+        print(f"dmfs / dmfs-base ({args.baseline}), pair by pair:")
+        print(results.versus_text("dmfs", "dmfs-base"))
     print()
     print("targets (issue 4):")
     print(results.targets_text())

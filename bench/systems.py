@@ -136,6 +136,8 @@ class MountedSystem(System):
     """A system with one long-lived FUSE daemon (ours, in Python) serving a directory."""
 
     python_daemon = True
+    #: The source tree the daemon runs from.
+    tree = REPO
 
     def __init__(self, workdir: str, python: str):
         super().__init__(workdir, python)
@@ -149,7 +151,7 @@ class MountedSystem(System):
         super().start()
         os.makedirs(self.mnt, exist_ok=True)
         self.daemon = Daemon(self.key, self.command(), os.path.join(self.dir, "daemon.log"),
-                             cwd=REPO)
+                             cwd=self.tree)
         try:
             self.daemon.wait_mounted([self.mnt])
         except BaseException:
@@ -211,7 +213,7 @@ class Dmfs(MountedSystem):
     can_merge = True
 
     def check(self) -> None:
-        probe = run([self.python, "-c", "import pyfuse3, trio, dmfs"], check=False, cwd=REPO)
+        probe = run([self.python, "-c", "import pyfuse3, trio, dmfs"], check=False, cwd=self.tree)
         if probe.returncode != 0:
             raise Unavailable(f"{self.python} cannot import dmfs/pyfuse3 "
                               "(run with the project's venv: make bench)")
@@ -224,7 +226,7 @@ class Dmfs(MountedSystem):
         if self.daemon is not None and self.daemon.alive() and fuse_mounted(self.mnt):
             # The product's own unmount first: it waits for the stores to close.
             proc = run([self.python, "-m", "dmfs", "umount", self.mnt], check=False,
-                       timeout=300, cwd=REPO)
+                       timeout=300, cwd=self.tree)
             if proc.returncode != 0:
                 log.warning("dmfs umount %s: %s", self.mnt,
                             (proc.stderr or proc.stdout).strip() or f"exit {proc.returncode}")
@@ -293,6 +295,21 @@ def merge_finished(origin: str) -> bool:
     if value in ("", "none", "idle") or value.startswith(("done", "complete", "finished")):
         return True
     return False
+
+
+class DmfsBaseline(Dmfs):
+    """dmfs as it was at another revision (`make bench BASELINE=REV`).
+
+    `python -m dmfs` runs with the revision's source tree as its working
+    directory, so it imports that tree's packages before the installed ones.
+    """
+
+    key = "dmfs-base"
+
+    def __init__(self, workdir: str, python: str, tree: str, rev: str):
+        super().__init__(workdir, python)
+        self.tree = tree
+        self.description = f"dmfs at {rev} (the baseline), persistent store, chunk_size={CHUNK_SIZE}"
 
 
 class QemuCbw(System):

@@ -6,7 +6,7 @@ import errno
 import os
 from collections.abc import Callable
 
-__all__ = ["pwrite_all"]
+__all__ = ["copy_in_kernel", "pwrite_all"]
 
 
 def pwrite_all(fd: int, data, offset: int,
@@ -29,3 +29,24 @@ def pwrite_all(fd: int, data, offset: int,
         if n <= 0:
             raise OSError(errno.EIO, "pwrite made no progress")
         view, offset = view[n:], offset + n
+
+
+def copy_in_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int:
+    """Copy `n` bytes with copy_file_range as far as it goes (where both files
+    are on one filesystem that shares extents, it shares them); return the
+    bytes copied.  Never raises: a pair it cannot copy (EXDEV, EINVAL, a
+    block device), an I/O error or the source's end stop it early, and the
+    caller finishes with pread/pwrite, which tells a read error from a write
+    error."""
+    done = 0
+    while done < n:
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+        except OSError:
+            # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP (block devices, odd filesystems)
+            # or a real I/O error: the caller's fallback sorts them out.
+            return done
+        if copied == 0:  # source EOF (or a filesystem that declines silently)
+            return done
+        done += copied
+    return done

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-from dmio import Region, pwrite_all
+from dmio import Region, copy_in_kernel, pwrite_all
 
 # Shared, immutable source of zeroes for zero-fill writes (threads only read it).
 _ZEROES = bytes(1 << 20)
@@ -33,7 +33,7 @@ def subjob_io(
     """
     if src is not None and len(dests) == 1:
         index, dst = dests[0]
-        done = _copy_file_range(src.fd, src.offset + rel, dst.fd, dst.offset + rel, length)
+        done = copy_in_kernel(src.fd, src.offset + rel, dst.fd, dst.offset + rel, length)
         if done == length:
             return None, {}
         # Error, unsupported pair of files, or short source: finish with
@@ -50,22 +50,6 @@ def batch_io(
     """Do the I/O of several whole jobs in one thread hop, in order."""
     return [subjob_io(src, list(enumerate(dests)), 0, dests[0].length) if dests[0].length
             else (None, {}) for src, dests in jobs]
-
-
-def _copy_file_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int:
-    """Copy in the kernel as far as it goes; return the bytes copied."""
-    done = 0
-    while done < n:
-        try:
-            copied = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
-        except OSError:
-            # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP (block devices, odd filesystems)
-            # or a real I/O error: the caller's fallback sorts them out.
-            return done
-        if copied == 0:  # source EOF (or a filesystem that declines silently)
-            return done
-        done += copied
-    return done
 
 
 def _copy_buffered(

@@ -27,6 +27,7 @@ _EXPORTS = {
     "create_store": "_factory",
     "open_store": "_factory",
     "remove_store": "_factory",
+    "rename_files": "renames",
 }
 
 __all__ = ["StoreType", *_EXPORTS]

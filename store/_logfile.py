@@ -59,6 +59,9 @@ class LogFile:
         self.run_count = 0
         self.tail: tuple[int, int, int] | None = None
         self.lock = trio.Lock()
+        # What `replay` cut off a torn log: (bytes, records of the
+        # unfinished commit), or None; the pool reports it after a crash.
+        self.torn_cut: tuple[int, int] | None = None
 
     @property
     def closed(self) -> bool:
@@ -109,6 +112,7 @@ class LogFile:
         self.end = scan.end
         self.records = len(scan.records)
         if scan.torn or len(buf) < fmt.LOG_START:
+            self.torn_cut = (len(buf) - scan.end, len(scan.later))
             log.warning("%s: cutting torn log tail at %d of %d bytes (%s%s)", self.path,
                         scan.end, len(buf), scan.stop or "short header area",
                         f"; {len(scan.later)} records of the unfinished commit dropped"

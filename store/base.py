@@ -206,6 +206,16 @@ class ExceptionStore(abc.ABC):
           DmError(EINVAL): cow_size is smaller than what is in use.
         """
 
+    async def rename(self, new_base: str) -> None:
+        """Move the store's files to `new_base` + their suffixes; the open
+        files stay open and the store goes on as before (lvrename).
+
+        Raises:
+          DmError(EEXIST): a file of that name exists (nothing moved).
+          DmError(errno): a rename failed (what had moved is moved back).
+        """
+        raise DmError(errno.EOPNOTSUPP, f"a {self.type_name} store cannot be renamed")
+
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every completed write to `cow_fd` durable (fdatasync)."""

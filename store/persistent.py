@@ -62,6 +62,7 @@ from .base import check_geometry as check_geometry
 from .chunks import persistent_allocator
 from .errors import DmError, SnapshotInvalid
 from .fileio import OS_IO, FileIO
+from .renames import rename_files
 from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class PersistentStore(ExceptionStore):
     compact_seconds = _kept("_compactor.seconds")
     compact_locked_seconds = _kept("_compactor.locked_seconds")
     _compaction = _kept("_compactor.running")
+    torn_cut = _kept("_logfile.torn_cut")
 
     def __init__(self, base_path: str, hdr: fmt.Header, hdr_slot: int,
                  cow_fd: int, log_fd: int, io: FileIO = OS_IO,
@@ -419,6 +421,30 @@ class PersistentStore(ExceptionStore):
           DmError(EIO): the header could not be written.
         """
         await self._header.set_type_name(type_name)
+
+    async def rename(self, new_base: str) -> None:
+        """Move the .cow and .log files to `new_base` (see ExceptionStore);
+        the files stay open.  Under the log's and the header's locks, so a
+        compaction, which names its files under them, never uses the old
+        names afterwards.
+
+        Raises:
+          DmError(EEXIST): a file of that name exists (nothing moved).
+          DmError(errno): a rename failed (what had moved is moved back).
+        """
+        self._check_open()
+        async with self._logfile.lock, self._header.lock:
+            pairs = [(self.cow_path, new_base + ".cow"), (self.log_path, new_base + ".log")]
+            try:
+                with trio.CancelScope(shield=True):   # memory must follow the disk
+                    await trio.to_thread.run_sync(rename_files, pairs)
+            except OSError as e:
+                raise DmError(e.errno or errno.EIO, f"cannot rename store {self.base_path} to "
+                              f"{new_base}: {e.strerror}") from None
+            self.base_path, self.cow_path, self.log_path = new_base, *(dst for _, dst in pairs)
+            # The parts that name files: the log, and the compaction's temporary file.
+            self._logfile.path = self.log_path
+            self._compactor._tmp = new_base + LOG_COMPACT_SUFFIX
 
     async def flush(self) -> None:
         """fdatasync the COW data file.

@@ -19,6 +19,7 @@ import trio
 from .base import SECTOR, ExceptionRun, ExceptionStore, check_geometry
 from .chunks import ChunkAllocator
 from .errors import DmError, SnapshotInvalid
+from .renames import rename_files
 from .types import StoreType
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,22 @@ class TransientStore(ExceptionStore):
                 pass
 
         await trio.to_thread.run_sync(unlink)
+
+    async def rename(self, new_base: str) -> None:
+        """Move the .cow file to `new_base`.cow (it stays open).
+
+        Raises:
+          DmError(EEXIST): that file exists; DmError(errno): the rename failed.
+        """
+        self._check_open()
+        new_cow = new_base + ".cow"
+        try:
+            with trio.CancelScope(shield=True):   # memory must follow the disk
+                await trio.to_thread.run_sync(rename_files, [(self.cow_path, new_cow)], False)
+        except OSError as e:
+            raise DmError(e.errno or errno.EIO, f"cannot rename {self.cow_path} to {new_cow}: "
+                          f"{e.strerror}") from None
+        self.base_path, self.cow_path = new_base, new_cow
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,7 +1,9 @@
-"""Shared fixtures: the `needs_fuse` marker and a `mounted` dmfs daemon.
+"""Shared fixtures: the `needs_fuse` marker, an in-process `pool` and a
+`mounted` dmfs daemon.
 
 `@pytest.mark.needs_fuse` skips a test only when a FUSE mount is impossible
-here (not root, or no /dev/fuse), and says which.  `mounted` starts
+here (not root, or no /dev/fuse), and says which.  `pool` (t3) is an open
+`dmfs.pool.Pool` in `pool_path`, on the test's nursery.  `mounted` starts
 ``python -m dmfs mount -f POOL MNT`` in a subprocess and, at teardown,
 detaches loop devices, runs ``dmfs umount`` and requires the daemon to
 exit 0 without a traceback in its log.
@@ -17,6 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import util  # noqa: E402
+from dmfs.pool import Pool  # noqa: E402
 
 
 def pytest_configure(config):
@@ -28,6 +31,21 @@ def pytest_runtest_setup(item):
         reason = util.fuse_skip_reason()
         if reason is not None:
             pytest.skip(reason)
+
+
+@pytest.fixture
+def pool_path(tmp_path) -> str:
+    """Where the `pool` fixture's pool lives (tests reopen or damage it there)."""
+    return str(tmp_path / "pool")
+
+
+@pytest.fixture
+async def pool(pool_path, nursery):
+    """An open Pool on the test's nursery; closed at the end unless the test did."""
+    p = await Pool.open(pool_path, nursery)
+    yield p
+    if not p.closed:
+        await p.close()
 
 
 class Mounted:

@@ -9,8 +9,10 @@ kernel behind dmfs into an error instead of a hung test run. ``close()``
 releases everything in reverse order, even after a failure, so a broken dmfs
 never leaves loop devices or mounts behind for the next test.
 
-Nothing here imports dmfs: the tests drive it only the way a user does
-(``python -m dmfs``, ``truncate``, ``setfattr``, ``losetup``, ``mount``).
+The tests drive dmfs only the way a user does (``python -m dmfs``,
+``truncate``, ``setfattr``, ``losetup``, ``mount``); what is mounted and
+which loop devices use the mount's files comes from `dmfs.cli.mounts`, the
+reader ``dmfs umount`` uses too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from dmfs.cli.mounts import loop_devices_using, mount_entry, mount_type
 
 #: DMFS_SLOW=1 switches on the longer variants (bigger volumes, more files, more fio).
 SLOW = os.environ.get("DMFS_SLOW", "") not in ("", "0")
@@ -50,33 +54,6 @@ def sha256_file(path: os.PathLike | str, bufsize: int = MiB) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def mountinfo(mountpoint: os.PathLike | str) -> dict | None:
-    """The /proc/self/mountinfo entry of ``mountpoint`` (last one wins), without touching it.
-
-    Reading the table never blocks on a hung FUSE daemon, unlike stat().
-    """
-    target = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            mnt = fields[4].replace("\\040", " ")
-            if mnt == target:
-                fstype, source = right.split()[:2]
-                found = {"devno": fields[2], "fstype": fstype, "source": source}
-    return found
-
-
-def _loop_backing(dev: str) -> str | None:
-    name = os.path.basename(dev)
-    try:
-        with open(f"/sys/block/{name}/loop/backing_file") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 class Harness:
@@ -148,9 +125,9 @@ class Harness:
             rc = self.daemon.poll()
             if rc is not None:
                 raise AssertionError(f"`dmfs mount -f` exited {rc} before mounting\n{self.daemon_log()}")
-            info = mountinfo(self.mnt)
-            if info is not None:
-                self.fuse_minor = info["devno"].split(":")[1]
+            entry = mount_entry(self.mnt)
+            if entry is not None:
+                self.fuse_minor = str(entry.dev[1])
                 os.listdir(self.mnt)  # the daemon answers
                 return
             if time.monotonic() > end:
@@ -165,7 +142,7 @@ class Harness:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"daemon still running {timeout}s after `dmfs umount`\n{self.daemon_log()}") from None
         assert rc == 0, f"daemon exited {rc} after `dmfs umount`\n{self.daemon_log()}"
-        assert mountinfo(self.mnt) is None, f"{self.mnt} still mounted after `dmfs umount`"
+        assert mount_type(self.mnt) is None, f"{self.mnt} still mounted after `dmfs umount`"
         self.daemon = None
         log = self.daemon_logs[-1].read_text(errors="replace")
         assert "Traceback" not in log, f"traceback in the daemon's log\n{self.daemon_log(tail=200)}"
@@ -214,10 +191,14 @@ class Harness:
         # (udev probing, say): wait until it is really gone, or `dmfs umount`
         # would rightly refuse.
         end = time.monotonic() + timeout
-        while _loop_backing(dev) is not None:
+        while (backing := self._loop_backing(dev)) is not None:
             if time.monotonic() > end:
-                raise AssertionError(f"{dev} still attached to {_loop_backing(dev)} {timeout}s after losetup -d")
+                raise AssertionError(f"{dev} still attached to {backing} {timeout}s after losetup -d")
             time.sleep(0.05)
+
+    def _loop_backing(self, dev: str) -> str | None:
+        """The file under the dmfs mount that `dev` still uses, or None."""
+        return dict(loop_devices_using(self.mnt)).get(dev)
 
     def mkfs_ext4(self, dev: str) -> None:
         self.run("mkfs.ext4", "-q", "-E", "nodiscard", dev, timeout=120)
@@ -291,15 +272,15 @@ class Harness:
         for dev in reversed(self.loops):
             attempt("losetup", "-d", dev)
             end = time.monotonic() + 10
-            while _loop_backing(dev) is not None and time.monotonic() < end:
+            while self._loop_backing(dev) is not None and time.monotonic() < end:
                 time.sleep(0.1)
-            if _loop_backing(dev) is not None:
-                problems.append(f"{dev} still attached to {_loop_backing(dev)}")
+            if (backing := self._loop_backing(dev)) is not None:
+                problems.append(f"{dev} still attached to {backing}")
         self.loops.clear()
 
         d = self.daemon
         if d is not None and d.poll() is None:
-            if mountinfo(self.mnt) is not None:
+            if mount_type(self.mnt) is not None:
                 attempt(sys.executable, "-m", "dmfs", "umount", self.mnt)
             try:
                 d.wait(timeout=20)
@@ -313,9 +294,9 @@ class Harness:
                     os.killpg(d.pid, signal.SIGKILL)
                     d.wait(timeout=10)
         self.daemon = None
-        if mountinfo(self.mnt) is not None:
+        if mount_type(self.mnt) is not None:
             attempt("umount", "-l", self.mnt)
-            if mountinfo(self.mnt) is not None:
+            if mount_type(self.mnt) is not None:
                 problems.append(f"{self.mnt} still mounted")
         if self.daemon_logs:
             print(self.daemon_log(tail=200))

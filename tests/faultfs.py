@@ -47,14 +47,16 @@ returns once the change is in force, so there is no polling race):
     limited to 64 KiB).  The op log keeps the last 200 000 data ops.
 
 The module also has the helpers the tests use to drive it
-(`FaultFS`, `faultfs_pool`).  Importing it does not import pyfuse3.
+(`FaultFS`, `faultfs_pool`, `Env`).
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -64,6 +66,10 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
 
 PREFIX = b"user.faultfs."
 INLINE_IO_MAX = 64 * 1024
@@ -117,439 +123,449 @@ class Rule:
 # ---------------------------------------------------------------------------
 # the daemon
 
+log = logging.getLogger("faultfs")
+ROOT = pyfuse3.ROOT_INODE
 
-def _serve(backing: str, mnt: str) -> None:
-    import logging
 
-    import pyfuse3
-    import trio
-    from pyfuse3 import FUSEError
+# Every handler: OSError -> its errno; anything else logged, EIO.
+HANDLERS = ("lookup", "forget", "getattr", "setattr", "mkdir", "rmdir", "unlink", "rename",
+            "statfs", "opendir", "readdir", "releasedir", "fsyncdir", "getxattr",
+            "setxattr", "listxattr", "removexattr", "open", "create", "read", "write",
+            "flush", "fsync", "release")
 
-    log = logging.getLogger("faultfs")
-    ROOT = pyfuse3.ROOT_INODE
 
-    class FileState:
-        """Per backing file (our inode): undo records of unsynced writes."""
+def _guard(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+    return wrapper
 
-        __slots__ = ("undo",)
 
-        def __init__(self):
-            self.undo: list[tuple[int, bytes]] = []
+def _guard_handlers(cls):
+    for name in HANDLERS:
+        setattr(cls, name, _guard(getattr(cls, name)))
+    return cls
 
-    class Ops(pyfuse3.Operations):
-        supports_dot_lookup = True
-        enable_writeback_cache = False
-        enable_acl = False
 
-        def __init__(self, root: str):
-            super().__init__()
-            self.root = root
-            self.path_of: dict[int, str] = {ROOT: ""}   # inode -> relative path
-            self.ino_of: dict[str, int] = {"": ROOT}
-            self.next_ino = ROOT + 1
-            self.fhs: dict[int, tuple[int, int]] = {}     # fh -> (fd, inode)
-            self.next_fh = 1
-            self.dirs: dict[int, list[str]] = {}
-            self.dir_ino: dict[int, int] = {}             # dir fh -> inode
-            self.rules: list[Rule] = []
-            self.stats: dict[str, dict[str, int]] = {}
-            self.oplog: deque = deque(maxlen=OPLOG_MAX)
-            self.seq = 0
-            self.tracking = False
-            self.last_undone = 0
-            self.states: dict[int, FileState] = {}
-            self.limiter = trio.CapacityLimiter(16)
+class FileState:
+    """Per backing file (our inode): undo records of unsynced writes."""
 
-        # -- helpers -------------------------------------------------------
+    __slots__ = ("undo",)
 
-        def _abs(self, rel: str) -> str:
-            return os.path.join(self.root, rel) if rel else self.root
+    def __init__(self):
+        self.undo: list[tuple[int, bytes]] = []
 
-        def _rel(self, inode: int) -> str:
-            rel = self.path_of.get(inode)
-            if rel is None:
-                raise FUSEError(errno.ENOENT)
-            return rel
 
-        def _child(self, parent: int, name: bytes) -> str:
-            n = os.fsdecode(name)
-            if "/" in n or n in ("", ".", ".."):
-                raise FUSEError(errno.EINVAL)
-            p = self._rel(parent)
-            return f"{p}/{n}" if p else n
+@_guard_handlers
+class FaultOps(pyfuse3.Operations):
+    """The file system: a passthrough of the backing directory, one method
+    per FUSE operation, with the rules and the undo records applied to
+    reads, writes and syncs, and the control attributes on the root."""
 
-        def _ino(self, rel: str) -> int:
-            ino = self.ino_of.get(rel)
-            if ino is None:
-                ino = self.next_ino
-                self.next_ino += 1
-                self.ino_of[rel] = ino
-                self.path_of[ino] = rel
-            return ino
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
 
-        def _forget_path(self, rel: str) -> None:
-            """`rel` no longer names its inode (unlinked / replaced)."""
-            ino = self.ino_of.pop(rel, None)
-            if ino is not None:
-                self.path_of.pop(ino, None)
-                self.states.pop(ino, None)
+    def __init__(self, root: str):
+        super().__init__()
+        self.root = root
+        self.path_of: dict[int, str] = {ROOT: ""}   # inode -> relative path
+        self.ino_of: dict[str, int] = {"": ROOT}
+        self.next_ino = ROOT + 1
+        self.fhs: dict[int, tuple[int, int]] = {}     # fh -> (fd, inode)
+        self.next_fh = 1
+        self.dirs: dict[int, list[str]] = {}
+        self.dir_ino: dict[int, int] = {}             # dir fh -> inode
+        self.rules: list[Rule] = []
+        self.stats: dict[str, dict[str, int]] = {}
+        self.oplog: deque = deque(maxlen=OPLOG_MAX)
+        self.seq = 0
+        self.tracking = False
+        self.last_undone = 0
+        self.states: dict[int, FileState] = {}
+        self.limiter = trio.CapacityLimiter(16)
 
-        def _attr(self, st: os.stat_result, ino: int):
-            a = pyfuse3.EntryAttributes()
-            for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-                      "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
-                setattr(a, f, getattr(st, f))
-            a.st_ino = ino
-            a.generation = 0
-            # No caching: what dmfs stats must be what is on "disk" now.
-            a.entry_timeout = 0
-            a.attr_timeout = 0
-            return a
+    # -- helpers -------------------------------------------------------
 
-        def _stat(self, ino: int):
-            for fd, i in self.fhs.values():
-                if i == ino:
-                    return self._attr(os.fstat(fd), ino)
-            return self._attr(os.lstat(self._abs(self._rel(ino))), ino)
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
 
-        def _fh(self, fh: int) -> tuple[int, int]:
+    def _rel(self, inode: int) -> str:
+        rel = self.path_of.get(inode)
+        if rel is None:
+            raise FUSEError(errno.ENOENT)
+        return rel
+
+    def _child(self, parent: int, name: bytes) -> str:
+        n = os.fsdecode(name)
+        if "/" in n or n in ("", ".", ".."):
+            raise FUSEError(errno.EINVAL)
+        p = self._rel(parent)
+        return f"{p}/{n}" if p else n
+
+    def _ino(self, rel: str) -> int:
+        ino = self.ino_of.get(rel)
+        if ino is None:
+            ino = self.next_ino
+            self.next_ino += 1
+            self.ino_of[rel] = ino
+            self.path_of[ino] = rel
+        return ino
+
+    def _forget_path(self, rel: str) -> None:
+        """`rel` no longer names its inode (unlinked / replaced)."""
+        ino = self.ino_of.pop(rel, None)
+        if ino is not None:
+            self.path_of.pop(ino, None)
+            self.states.pop(ino, None)
+
+    def _attr(self, st: os.stat_result, ino: int):
+        a = pyfuse3.EntryAttributes()
+        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+                  "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(a, f, getattr(st, f))
+        a.st_ino = ino
+        a.generation = 0
+        # No caching: what dmfs stats must be what is on "disk" now.
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
+
+    def _stat(self, ino: int):
+        for fd, i in self.fhs.values():
+            if i == ino:
+                return self._attr(os.fstat(fd), ino)
+        return self._attr(os.lstat(self._abs(self._rel(ino))), ino)
+
+    def _fh(self, fh: int) -> tuple[int, int]:
+        try:
+            return self.fhs[fh]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+
+    def _name(self, ino: int) -> str:
+        rel = self.path_of.get(ino, "?")
+        return rel.rsplit("/", 1)[-1]
+
+    async def _fault(self, ino: int, op: str, off: int = 0, length: int = 0) -> int | None:
+        """Account the op; sleep/fail as the first matching rule says."""
+        name = self._name(ino)
+        st = self.stats.setdefault(name, {"read": 0, "write": 0, "fsync": 0})
+        st[op] += 1
+        self.seq += 1
+        seq = self.seq
+        err = None
+        for r in self.rules:
+            if not r.matches(name, op, off, length):
+                continue
+            r.seen += 1
+            if r.seen > r.after and (r.count is None or r.fired < r.count):
+                if r.delay:
+                    await trio.sleep(r.delay)
+                if r.errno:
+                    r.fired += 1
+                    err = r.errno
+            break
+        self.oplog.append([seq, name, op, off, length, err])
+        return err
+
+    # -- control ---------------------------------------------------------
+
+    def _dump(self) -> dict:
+        return {"stats": self.stats, "rules": [r.as_dict() for r in self.rules],
+                "oplog": list(self.oplog), "tracking": self.tracking}
+
+    def _powercut(self) -> int:
+        undone = 0
+        for ino, state in list(self.states.items()):
+            rel = self.path_of.get(ino)
+            if rel is None or not state.undo:
+                continue
+            fd = os.open(self._abs(rel), os.O_WRONLY)
             try:
-                return self.fhs[fh]
-            except KeyError:
-                raise FUSEError(errno.EBADF) from None
-
-        def _name(self, ino: int) -> str:
-            rel = self.path_of.get(ino, "?")
-            return rel.rsplit("/", 1)[-1]
-
-        async def _fault(self, ino: int, op: str, off: int = 0, length: int = 0) -> int | None:
-            """Account the op; sleep/fail as the first matching rule says."""
-            name = self._name(ino)
-            st = self.stats.setdefault(name, {"read": 0, "write": 0, "fsync": 0})
-            st[op] += 1
-            self.seq += 1
-            seq = self.seq
-            err = None
-            for r in self.rules:
-                if not r.matches(name, op, off, length):
-                    continue
-                r.seen += 1
-                if r.seen > r.after and (r.count is None or r.fired < r.count):
-                    if r.delay:
-                        await trio.sleep(r.delay)
-                    if r.errno:
-                        r.fired += 1
-                        err = r.errno
-                break
-            self.oplog.append([seq, name, op, off, length, err])
-            return err
-
-        # -- control ---------------------------------------------------------
-
-        def _dump(self) -> dict:
-            return {"stats": self.stats, "rules": [r.as_dict() for r in self.rules],
-                    "oplog": list(self.oplog), "tracking": self.tracking}
-
-        def _powercut(self) -> int:
-            undone = 0
-            for ino, state in list(self.states.items()):
-                rel = self.path_of.get(ino)
-                if rel is None or not state.undo:
-                    continue
-                fd = os.open(self._abs(rel), os.O_WRONLY)
-                try:
-                    for off, old in reversed(state.undo):
-                        os.pwrite(fd, old, off)
-                        undone += len(old)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                state.undo.clear()
-            log.info("power cut: %d bytes of unsynced writes undone", undone)
-            self.last_undone = undone
-            return undone
-
-        async def _control(self, name: bytes, value: bytes) -> None:
-            key = name[len(PREFIX):].decode()
-            try:
-                if key == "rules":
-                    self.rules = [Rule(d) for d in json.loads(value or b"[]")]
-                elif key == "reset":
-                    self.rules, self.stats = [], {}
-                    self.oplog.clear()
-                elif key == "track":
-                    self.tracking = value.strip() not in (b"", b"0")
-                    self.states.clear()
-                elif key == "powercut":
-                    await trio.to_thread.run_sync(self._powercut)
-                elif key == "dump":
-                    data = json.dumps(self._dump()).encode()
-                    Path(value.decode()).write_bytes(data)
-                else:
-                    raise FUSEError(errno.EINVAL)
-            except (ValueError, TypeError) as e:
-                log.error("bad control value for %s: %s", key, e)
-                raise FUSEError(errno.EINVAL) from None
-            log.info("control %s = %r", key, value[:200])
-
-        # -- namespace --------------------------------------------------------
-
-        async def lookup(self, parent, name, ctx=None):
-            if name == b".":
-                return self._stat(parent)
-            if name == b"..":
-                rel = self._rel(parent)
-                up = rel.rsplit("/", 1)[0] if "/" in rel else ""
-                return self._stat(self._ino(up))
-            rel = self._child(parent, name)
-            st = os.lstat(self._abs(rel))
-            return self._attr(st, self._ino(rel))
-
-        async def forget(self, inode_list):
-            pass
-
-        async def getattr(self, inode, ctx=None):
-            return self._stat(inode)
-
-        async def setattr(self, inode, attr, fields, fh, ctx):
-            path = self._abs(self._rel(inode))
-            fd = self.fhs[fh][0] if fh is not None and fh in self.fhs else None
-            if fields.update_size:
-                if fd is not None:
-                    os.ftruncate(fd, attr.st_size)
-                else:
-                    os.truncate(path, attr.st_size)
-            if fields.update_mode:
-                os.chmod(path, attr.st_mode & 0o7777)
-            if fields.update_uid or fields.update_gid:
-                os.chown(path, attr.st_uid if fields.update_uid else -1,
-                         attr.st_gid if fields.update_gid else -1)
-            if fields.update_atime or fields.update_mtime:
-                st = os.stat(path)
-                os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                                   attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
-            return self._stat(inode)
-
-        async def mkdir(self, parent, name, mode, ctx):
-            rel = self._child(parent, name)
-            os.mkdir(self._abs(rel), mode & 0o7777)
-            return self._attr(os.lstat(self._abs(rel)), self._ino(rel))
-
-        async def rmdir(self, parent, name, ctx):
-            rel = self._child(parent, name)
-            os.rmdir(self._abs(rel))
-            self._forget_path(rel)
-
-        async def unlink(self, parent, name, ctx):
-            rel = self._child(parent, name)
-            os.unlink(self._abs(rel))
-            self._forget_path(rel)
-
-        async def rename(self, p_old, n_old, p_new, n_new, flags, ctx):
-            if flags:
-                raise FUSEError(errno.EINVAL)
-            old, new = self._child(p_old, n_old), self._child(p_new, n_new)
-            os.rename(self._abs(old), self._abs(new))
-            self._forget_path(new)
-            ino = self.ino_of.pop(old, None)
-            if ino is not None:
-                self.ino_of[new] = ino
-                self.path_of[ino] = new
-            # a renamed directory moves everything below it
-            pre = old + "/"
-            for rel in [r for r in self.ino_of if r.startswith(pre)]:
-                i = self.ino_of.pop(rel)
-                nrel = new + "/" + rel[len(pre):]
-                self.ino_of[nrel] = i
-                self.path_of[i] = nrel
-
-        async def statfs(self, ctx):
-            sv = os.statvfs(self.root)
-            s = pyfuse3.StatvfsData()
-            for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
-                      "f_files", "f_ffree", "f_favail", "f_namemax"):
-                setattr(s, f, getattr(sv, f))
-            return s
-
-        async def opendir(self, inode, ctx):
-            path = self._abs(self._rel(inode))
-            fh = self.next_fh
-            self.next_fh += 1
-            self.dirs[fh] = sorted(os.listdir(path))
-            self.dir_ino[fh] = inode
-            return fh
-
-        async def readdir(self, fh, start_id, token):
-            names = self.dirs.get(fh)
-            if names is None:
-                raise FUSEError(errno.EBADF)
-            base = self._rel(self.dir_ino[fh])
-            for i in range(start_id, len(names)):
-                rel = f"{base}/{names[i]}" if base else names[i]
-                try:
-                    st = os.lstat(self._abs(rel))
-                except FileNotFoundError:
-                    continue
-                if not pyfuse3.readdir_reply(token, os.fsencode(names[i]),
-                                             self._attr(st, self._ino(rel)), i + 1):
-                    break
-
-        async def releasedir(self, fh):
-            self.dirs.pop(fh, None)
-            self.dir_ino.pop(fh, None)
-
-        async def fsyncdir(self, fh, datasync):
-            ino = self.dir_ino.get(fh, ROOT)
-            fd = os.open(self._abs(self._rel(ino)), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                await trio.to_thread.run_sync(os.fsync, fd)
+                for off, old in reversed(state.undo):
+                    os.pwrite(fd, old, off)
+                    undone += len(old)
+                os.fsync(fd)
             finally:
                 os.close(fd)
+            state.undo.clear()
+        log.info("power cut: %d bytes of unsynced writes undone", undone)
+        self.last_undone = undone
+        return undone
 
-        # -- xattrs: control on the root, passthrough elsewhere ---------------
+    async def _control(self, name: bytes, value: bytes) -> None:
+        key = name[len(PREFIX):].decode()
+        try:
+            if key == "rules":
+                self.rules = [Rule(d) for d in json.loads(value or b"[]")]
+            elif key == "reset":
+                self.rules, self.stats = [], {}
+                self.oplog.clear()
+            elif key == "track":
+                self.tracking = value.strip() not in (b"", b"0")
+                self.states.clear()
+            elif key == "powercut":
+                await trio.to_thread.run_sync(self._powercut)
+            elif key == "dump":
+                data = json.dumps(self._dump()).encode()
+                Path(value.decode()).write_bytes(data)
+            else:
+                raise FUSEError(errno.EINVAL)
+        except (ValueError, TypeError) as e:
+            log.error("bad control value for %s: %s", key, e)
+            raise FUSEError(errno.EINVAL) from None
+        log.info("control %s = %r", key, value[:200])
 
-        async def getxattr(self, inode, name, ctx):
-            if inode == ROOT and name.startswith(PREFIX):
-                key = name[len(PREFIX):]
-                if key == b"rules":
-                    return json.dumps([r.as_dict() for r in self.rules]).encode()
-                if key == b"stats":
-                    return json.dumps(self.stats).encode()
-                if key == b"tracking":
-                    return b"1" if self.tracking else b"0"
-                if key == b"undone":
-                    return str(self.last_undone).encode()
-                raise FUSEError(pyfuse3.ENOATTR)
-            try:
-                return os.getxattr(self._abs(self._rel(inode)), name, follow_symlinks=False)
-            except OSError as e:
-                raise FUSEError(e.errno) from None
+    # -- namespace --------------------------------------------------------
 
-        async def setxattr(self, inode, name, value, ctx):
-            if inode == ROOT and name.startswith(PREFIX):
-                await self._control(name, value)
-                return
-            os.setxattr(self._abs(self._rel(inode)), name, value, follow_symlinks=False)
+    async def lookup(self, parent, name, ctx=None):
+        if name == b".":
+            return self._stat(parent)
+        if name == b"..":
+            rel = self._rel(parent)
+            up = rel.rsplit("/", 1)[0] if "/" in rel else ""
+            return self._stat(self._ino(up))
+        rel = self._child(parent, name)
+        st = os.lstat(self._abs(rel))
+        return self._attr(st, self._ino(rel))
 
-        async def listxattr(self, inode, ctx):
-            return [os.fsencode(n) for n in os.listxattr(self._abs(self._rel(inode)),
-                                                         follow_symlinks=False)]
+    async def forget(self, inode_list):
+        pass
 
-        async def removexattr(self, inode, name, ctx):
-            os.removexattr(self._abs(self._rel(inode)), name, follow_symlinks=False)
+    async def getattr(self, inode, ctx=None):
+        return self._stat(inode)
 
-        # -- data -------------------------------------------------------------
-
-        def _new_fh(self, fd: int, ino: int):
-            fh = self.next_fh
-            self.next_fh += 1
-            self.fhs[fh] = (fd, ino)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-
-        async def open(self, inode, flags, ctx):
-            flags &= ~(os.O_CREAT | os.O_EXCL | os.O_DIRECT | os.O_APPEND)
-            fd = os.open(self._abs(self._rel(inode)), flags | os.O_CLOEXEC)
-            return self._new_fh(fd, inode)
-
-        async def create(self, parent, name, mode, flags, ctx):
-            rel = self._child(parent, name)
-            flags &= ~(os.O_DIRECT | os.O_APPEND)
-            fd = os.open(self._abs(rel), flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o7777)
-            ino = self._ino(rel)
-            return self._new_fh(fd, ino), self._attr(os.fstat(fd), ino)
-
-        async def read(self, fh, off, size):
-            fd, ino = self._fh(fh)
-            err = await self._fault(ino, "read", off, size)
-            if err:
-                raise FUSEError(err)
-            if size <= INLINE_IO_MAX:
-                return os.pread(fd, size, off)
-            return await trio.to_thread.run_sync(os.pread, fd, size, off, limiter=self.limiter)
-
-        def _write(self, fd: int, ino: int, buf: bytes, off: int) -> int:
-            if self.tracking:
-                old = os.pread(fd, len(buf), off)
-                old += bytes(len(buf) - len(old))  # beyond EOF: zeroes after a cut
-                self.states.setdefault(ino, FileState()).undo.append((off, old))
-            done = 0
-            while done < len(buf):
-                done += os.pwrite(fd, buf[done:], off + done)
-            return done
-
-        async def write(self, fh, off, buf):
-            fd, ino = self._fh(fh)
-            err = await self._fault(ino, "write", off, len(buf))
-            if err:
-                raise FUSEError(err)
-            # Inline, even when large: the undo record and the write must
-            # not interleave with another write or a power cut.
-            return self._write(fd, ino, buf, off)
-
-        async def flush(self, fh):
-            pass
-
-        async def fsync(self, fh, datasync):
-            fd, ino = self._fh(fh)
-            err = await self._fault(ino, "fsync")
-            if err:
-                raise FUSEError(err)
-            # What is acknowledged before the sync starts becomes durable.
-            state = self.states.get(ino)
-            n = len(state.undo) if state is not None else 0
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
-                                          limiter=self.limiter)
-            if state is not None:
-                del state.undo[:n]
-
-        async def release(self, fh):
-            fd, _ = self.fhs.pop(fh, (None, None))
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        path = self._abs(self._rel(inode))
+        fd = self.fhs[fh][0] if fh is not None and fh in self.fhs else None
+        if fields.update_size:
             if fd is not None:
-                os.close(fd)
+                os.ftruncate(fd, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_mode:
+            os.chmod(path, attr.st_mode & 0o7777)
+        if fields.update_uid or fields.update_gid:
+            os.chown(path, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(path)
+            os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        return self._stat(inode)
 
-    # Every handler: OSError -> its errno; anything else logged, EIO.
-    import functools
+    async def mkdir(self, parent, name, mode, ctx):
+        rel = self._child(parent, name)
+        os.mkdir(self._abs(rel), mode & 0o7777)
+        return self._attr(os.lstat(self._abs(rel)), self._ino(rel))
 
-    def guard(fn):
-        @functools.wraps(fn)
-        async def wrapper(self, *args):
+    async def rmdir(self, parent, name, ctx):
+        rel = self._child(parent, name)
+        os.rmdir(self._abs(rel))
+        self._forget_path(rel)
+
+    async def unlink(self, parent, name, ctx):
+        rel = self._child(parent, name)
+        os.unlink(self._abs(rel))
+        self._forget_path(rel)
+
+    async def rename(self, p_old, n_old, p_new, n_new, flags, ctx):
+        if flags:
+            raise FUSEError(errno.EINVAL)
+        old, new = self._child(p_old, n_old), self._child(p_new, n_new)
+        os.rename(self._abs(old), self._abs(new))
+        self._forget_path(new)
+        ino = self.ino_of.pop(old, None)
+        if ino is not None:
+            self.ino_of[new] = ino
+            self.path_of[ino] = new
+        # a renamed directory moves everything below it
+        pre = old + "/"
+        for rel in [r for r in self.ino_of if r.startswith(pre)]:
+            i = self.ino_of.pop(rel)
+            nrel = new + "/" + rel[len(pre):]
+            self.ino_of[nrel] = i
+            self.path_of[i] = nrel
+
+    async def statfs(self, ctx):
+        sv = os.statvfs(self.root)
+        s = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                  "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(s, f, getattr(sv, f))
+        return s
+
+    async def opendir(self, inode, ctx):
+        path = self._abs(self._rel(inode))
+        fh = self.next_fh
+        self.next_fh += 1
+        self.dirs[fh] = sorted(os.listdir(path))
+        self.dir_ino[fh] = inode
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        names = self.dirs.get(fh)
+        if names is None:
+            raise FUSEError(errno.EBADF)
+        base = self._rel(self.dir_ino[fh])
+        for i in range(start_id, len(names)):
+            rel = f"{base}/{names[i]}" if base else names[i]
             try:
-                return await fn(self, *args)
-            except FUSEError:
-                raise
-            except OSError as e:
-                raise FUSEError(e.errno or errno.EIO) from None
-            except Exception:
-                log.exception("unexpected error in %s", fn.__name__)
-                raise FUSEError(errno.EIO) from None
-        return wrapper
+                st = os.lstat(self._abs(rel))
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]),
+                                         self._attr(st, self._ino(rel)), i + 1):
+                break
 
-    for n in ("lookup", "forget", "getattr", "setattr", "mkdir", "rmdir", "unlink", "rename",
-              "statfs", "opendir", "readdir", "releasedir", "fsyncdir", "getxattr",
-              "setxattr", "listxattr", "removexattr", "open", "create", "read", "write",
-              "flush", "fsync", "release"):
-        setattr(Ops, n, guard(getattr(Ops, n)))
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+        self.dir_ino.pop(fh, None)
 
+    async def fsyncdir(self, fh, datasync):
+        ino = self.dir_ino.get(fh, ROOT)
+        fd = os.open(self._abs(self._rel(ino)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    # -- xattrs: control on the root, passthrough elsewhere ---------------
+
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT and name.startswith(PREFIX):
+            key = name[len(PREFIX):]
+            if key == b"rules":
+                return json.dumps([r.as_dict() for r in self.rules]).encode()
+            if key == b"stats":
+                return json.dumps(self.stats).encode()
+            if key == b"tracking":
+                return b"1" if self.tracking else b"0"
+            if key == b"undone":
+                return str(self.last_undone).encode()
+            raise FUSEError(pyfuse3.ENOATTR)
+        try:
+            return os.getxattr(self._abs(self._rel(inode)), name, follow_symlinks=False)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def setxattr(self, inode, name, value, ctx):
+        if inode == ROOT and name.startswith(PREFIX):
+            await self._control(name, value)
+            return
+        os.setxattr(self._abs(self._rel(inode)), name, value, follow_symlinks=False)
+
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(n) for n in os.listxattr(self._abs(self._rel(inode)),
+                                                     follow_symlinks=False)]
+
+    async def removexattr(self, inode, name, ctx):
+        os.removexattr(self._abs(self._rel(inode)), name, follow_symlinks=False)
+
+    # -- data -------------------------------------------------------------
+
+    def _new_fh(self, fd: int, ino: int):
+        fh = self.next_fh
+        self.next_fh += 1
+        self.fhs[fh] = (fd, ino)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def open(self, inode, flags, ctx):
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_DIRECT | os.O_APPEND)
+        fd = os.open(self._abs(self._rel(inode)), flags | os.O_CLOEXEC)
+        return self._new_fh(fd, inode)
+
+    async def create(self, parent, name, mode, flags, ctx):
+        rel = self._child(parent, name)
+        flags &= ~(os.O_DIRECT | os.O_APPEND)
+        fd = os.open(self._abs(rel), flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o7777)
+        ino = self._ino(rel)
+        return self._new_fh(fd, ino), self._attr(os.fstat(fd), ino)
+
+    async def read(self, fh, off, size):
+        fd, ino = self._fh(fh)
+        err = await self._fault(ino, "read", off, size)
+        if err:
+            raise FUSEError(err)
+        if size <= INLINE_IO_MAX:
+            return os.pread(fd, size, off)
+        return await trio.to_thread.run_sync(os.pread, fd, size, off, limiter=self.limiter)
+
+    def _write(self, fd: int, ino: int, buf: bytes, off: int) -> int:
+        if self.tracking:
+            old = os.pread(fd, len(buf), off)
+            old += bytes(len(buf) - len(old))  # beyond EOF: zeroes after a cut
+            self.states.setdefault(ino, FileState()).undo.append((off, old))
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(fd, buf[done:], off + done)
+        return done
+
+    async def write(self, fh, off, buf):
+        fd, ino = self._fh(fh)
+        err = await self._fault(ino, "write", off, len(buf))
+        if err:
+            raise FUSEError(err)
+        # Inline, even when large: the undo record and the write must
+        # not interleave with another write or a power cut.
+        return self._write(fd, ino, buf, off)
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        fd, ino = self._fh(fh)
+        err = await self._fault(ino, "fsync")
+        if err:
+            raise FUSEError(err)
+        # What is acknowledged before the sync starts becomes durable.
+        state = self.states.get(ino)
+        n = len(state.undo) if state is not None else 0
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+                                      limiter=self.limiter)
+        if state is not None:
+            del state.undo[:n]
+
+    async def release(self, fh):
+        fd, _ = self.fhs.pop(fh, (None, None))
+        if fd is not None:
+            os.close(fd)
+
+
+async def _terminate_on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """SIGTERM/SIGINT end pyfuse3.main (which then unmounts)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        task_status.started()
+        async for _ in sigs:
+            pyfuse3.terminate()
+            return
+
+
+async def _main() -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_terminate_on_signal)
+        await pyfuse3.main(max_tasks=200)
+        nursery.cancel_scope.cancel()
+
+
+def serve(backing: str, mnt: str) -> None:
+    """Serve `backing` at `mnt` in the foreground until SIGTERM/SIGINT."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s faultfs %(levelname)s %(message)s")
     logging.getLogger("trio").setLevel(logging.WARNING)
-    ops = Ops(os.path.abspath(backing))
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            async def watcher(task_status=trio.TASK_STATUS_IGNORED):
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    task_status.started()
-                    async for _ in sigs:
-                        pyfuse3.terminate()
-                        return
-            await nursery.start(watcher)
-            await pyfuse3.main(max_tasks=200)
-            nursery.cancel_scope.cancel()
-
+    ops = FaultOps(os.path.abspath(backing))
     pyfuse3.init(ops, mnt, {"fsname=faultfs", "subtype=faultfs", "default_permissions"})
     try:
-        trio.run(main)
+        trio.run(_main)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mnt)
@@ -638,6 +654,9 @@ class FaultPool:
     Attributes:
       ffs: the FaultFS; pool: the pool directory (inside ffs.mnt);
       mnt: the dmfs mountpoint; daemon: the current util.Daemon.
+
+    path(), proc, log() and restart() are those of conftest's `Mounted`,
+    so the tests written for `mounted` run on faultfs too.
     """
 
     def __init__(self, tmp: Path):
@@ -658,6 +677,20 @@ class FaultPool:
 
     def path(self, name: str) -> Path:
         return self.mnt / name
+
+    @property
+    def proc(self):
+        return self.daemon.proc
+
+    def log(self) -> str:
+        return self.daemon.log()
+
+    def restart(self) -> None:
+        """Unmount cleanly (exit 0, no traceback) and mount the same pool again."""
+        rc = self.stop()
+        assert rc == 0, f"dmfs exited {rc}\n{self.log()}"
+        assert "Traceback" not in self.log(), self.log()
+        self.start()
 
     def kill9(self) -> None:
         """SIGKILL the dmfs daemon (its whole session) and drop its dead mount."""
@@ -804,10 +837,7 @@ class Env:
         return sorted(names)
 
     def restart(self):
-        rc = self.fp.stop()
-        assert rc == 0, f"dmfs exited {rc}\n{self.daemon.log()}"
-        assert "Traceback" not in self.daemon.log(), self.daemon.log()
-        self.fp.start()
+        self.fp.restart()
 
     def origin(self, size: int) -> bytes:
         """Create vm.img of `size` bytes filled with random data (fsynced)."""
@@ -818,13 +848,6 @@ class Env:
             self.pwrite("vm.img", off, data[off:off + MiB])
         self.fsync("vm.img")
         return data
-
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: faultfs.py BACKING_DIR MNT")
-    _serve(sys.argv[1], sys.argv[2])
 
 
 def env_fixture(tmp_path):
@@ -851,3 +874,9 @@ def env_fixture(tmp_path):
             assert util.mount_type(fp.mnt) is None
     finally:
         fp.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: faultfs.py BACKING_DIR MNT")
+    serve(sys.argv[1], sys.argv[2])

@@ -33,19 +33,6 @@ MiB = 1 << 20
 K4 = 4096
 
 
-@pytest.fixture
-def pool_path(tmp_path):
-    return str(tmp_path / "pool")
-
-
-@pytest.fixture
-async def pool(pool_path, nursery):
-    p = await Pool.open(pool_path, nursery)
-    yield p
-    if not p.closed:
-        await p.close()
-
-
 def check(pool_path, *extra, capsys=None):
     """Run `dmfs check` in-process; return (exit code, stdout lines, stderr)."""
     rc = dmfs_main(["check", str(pool_path), *extra])

@@ -23,13 +23,6 @@ def rbytes(seed, n):
     return random.Random(seed).randbytes(n)
 
 
-@pytest.fixture
-async def pool(tmp_path, nursery):
-    p = await Pool.open(str(tmp_path / "pool"), nursery)
-    yield p
-    await p.close()
-
-
 async def scribble(vol, seed, count=20, size=SIZE, model=None):
     rnd = random.Random(seed)
     for _ in range(count):

@@ -23,13 +23,6 @@ def pattern(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-@pytest.fixture
-async def pool(tmp_path, nursery):
-    p = await Pool.open(str(tmp_path / "pool"), nursery)
-    yield p
-    await p.close()
-
-
 async def test_snapshot_keeps_point_in_time_and_origin_takes_new_data(pool):
     o = await pool.create_origin("vm", 4 * MiB)
     old = pattern(1, 4 * MiB)

@@ -18,7 +18,6 @@ from pyfuse3 import FUSEError
 from dmfs.fuse import operations as fuse_ops
 from dmfs.fuse.inodes import ROOT_INODE
 from dmfs.fuse.operations import Operations
-from dmfs.pool import Pool
 
 MiB = 1 << 20
 
@@ -47,12 +46,8 @@ def attr(**kw):
 
 
 @pytest.fixture
-async def ops(tmp_path, nursery):
-    pool = await Pool.open(str(tmp_path / "pool"), nursery)
-    try:
-        yield Operations(pool)
-    finally:
-        await pool.close()
+async def ops(pool):
+    return Operations(pool)
 
 
 async def fuse_errno(coro):
@@ -111,7 +106,7 @@ async def test_create_lookup_getattr(ops):
 
 async def test_truncate_grows_and_io_round_trip(ops):
     fi, a = await create(ops, "vm.img", 4 * MiB)
-    assert a.st_size == 4 * MiB and a.st_blocks == 4 * MiB // 512
+    assert a.st_size == 4 * MiB and a.st_blocks == 0   # sparse: st_blocks is what it occupies
     data = os.urandom(128 * 1024)
     assert await ops.write(fi.fh, MiB + 512, data) == len(data)
     assert bytes(await ops.read(fi.fh, MiB + 512, len(data))) == data
@@ -307,7 +302,6 @@ async def test_create_errors(ops):
                       (b"a b.img", errno.EINVAL), (b"vm.img", errno.EEXIST)]:
         assert await fuse_errno(ops.create(ROOT_INODE, name, 0o644, os.O_RDWR, CTX)) == err, name
     for coro in (ops.mkdir(ROOT_INODE, b"d", 0o755, CTX),
-                 ops.rename(ROOT_INODE, b"vm.img", ROOT_INODE, b"w.img", 0, CTX),
                  ops.link(2, ROOT_INODE, b"w.img", CTX),
                  ops.symlink(ROOT_INODE, b"l", b"vm.img", CTX),
                  ops.mknod(ROOT_INODE, b"n.img", stat.S_IFREG | 0o644, 0, CTX)):

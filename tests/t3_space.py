@@ -269,11 +269,12 @@ async def test_space_report_and_info(pool):
     o = await pool.create_origin("vm", 4 * MiB)
     await o.write(0, pattern(12, MiB))
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=4096))
-    rep = pool.space_report()
-    assert rep["size"] > 0 and 0 <= rep["free"] <= rep["size"]
+    rep = pool.space()
+    assert rep["fs_size"] > 0 and 0 <= rep["fs_avail"] <= rep["fs_size"]
     assert rep["need"] >= 4 * MiB            # s1's room + the origin's 3 MiB of holes
-    assert rep["overcommit"] == max(0, rep["need"] - rep["free"])
-    assert rep["snapshots"]["vm@s1"]["need"] == 4 * MiB
+    assert rep["overcommit"] == max(0, rep["need"] - rep["fs_avail"])
+    assert rep["snapshot_space"]["vm@s1"]["need"] == 4 * MiB
+    assert rep["snapshots"] == 1 and rep["given_up"] == 0
     info = pool.space_info(s)
     assert info == {"need": 4 * MiB, "reserve": False, "autoextend_threshold": 100,
                     "autoextend_percent": 20}
@@ -288,16 +289,16 @@ async def test_warnings_and_autoextend_through_the_watcher(pool, caplog):
     s = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=cs, cow_size=64 * cs,
                                                    autoextend_threshold=70, autoextend_percent=50))
     await o.write(0, pattern(14, 50 * cs))     # 52 of 64 chunks: 81 %
-    await pool.space.check()
+    await pool.space_watch.check()
     assert "snapshot vm@s1 is now 81.25% full" in caplog.text
     assert s.store.cow_size == 96 * cs and s.valid
     assert "autoextended from 262144 to 393216" in caplog.text
     caplog.clear()
-    await pool.space.check()
+    await pool.space_watch.check()
     assert "snapshot vm@s1" not in caplog.text     # one line per crossing, not per check
     # grown again when it crosses 70 % of the new size; persisted
     await o.write(50 * cs, pattern(15, 20 * cs))
-    await pool.space.check()
+    await pool.space_watch.check()
     assert s.store.cow_size > 96 * cs
     from dmfs.pool.metadata import OriginMeta, read_json
     meta = OriginMeta.from_json(read_json(os.path.join(pool.path, "vm.json")))

@@ -435,31 +435,13 @@ def test_large_split_write_with_contention(mounted, round_):
     _large_split_round(mounted, 100 + round_)
 
 
-class _FaultMount:
-    def __init__(self, env):
-        self.env = env
-
-    def path(self, name):
-        return self.env.path(name)
-
-    @property
-    def proc(self):
-        return self.env.daemon.proc
-
-    def log(self):
-        return self.env.daemon.log()
-
-    def restart(self):
-        self.env.restart()
-
-
 def test_large_split_write_with_contention_slow_disk(fenv):
     """The same with the pool on faultfs, origin reads and COW writes
     delayed by 2 ms each: copy-outs of the 512K chunks stay pending while the
     later pieces and the other writers arrive."""
     fenv.ffs.set_rules({"file": "vm.img", "op": "read", "errno": 0, "delay": 0.002},
                        {"file": "*.cow", "op": "write", "errno": 0, "delay": 0.002})
-    _large_split_round(_FaultMount(fenv), 200)
+    _large_split_round(fenv.fp, 200)
 
 
 def test_origin_fsync_covers_its_copy_outs(fenv):

@@ -70,7 +70,7 @@ def test_merge_rolls_back_and_refuses_a_second(mounted):
     assert status.count("/") == 1 and status.split()[0].split("/")[1].isdigit()
     assert os.getxattr(vm, "user.dmfs.table").decode().split()[2] == "snapshot-merge"
     os.setxattr(vm, "user.dmfs.copy_throttle", b"100")
-    util.dmfs("merge", "--wait", str(mounted.path("vm@s1.img")), check=False)  # already running: EBUSY or ENOENT
+    util.dmfs("merge", "--wait", str(mounted.path("vm@s1.img")), check=False)  # already running: follows it (or it finished: ENOENT)
     wait_merge_none(vm)
     assert sha(vm) == want
     assert sha(mounted.path("vm@s2.img")) == keep
@@ -94,8 +94,10 @@ def test_dmfs_merge_wait_and_invalid_input(mounted):
     assert "merge complete" in p.stdout
     assert merge_state(vm) == "none"
     assert sha(vm) == want
-    p = util.dmfs("merge", str(mounted.path("vm.img")), check=False)
-    assert p.returncode == 1 and "not a snapshot" in p.stderr and "Traceback" not in p.stderr
+    p = util.dmfs("merge", str(mounted.path("vm.img")), check=False)   # an origin: nothing to follow
+    assert p.returncode == 1 and "has no merge running" in p.stderr and "Traceback" not in p.stderr
+    p = util.dmfs("merge", str(mounted.path("vm@nope.img")), check=False)
+    assert p.returncode == 1 and "No such file" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_kill_9_mid_merge_resumes_at_next_mount(mounted):

@@ -186,7 +186,7 @@ def test_xattr_errors(mounted):
     assert ei.value.errno == errno.ENOTSUP
     os.setxattr(vm, "user.dmfs.copy_throttle", b"30")
     assert os.getxattr(vm, "user.dmfs.copy_throttle") == b"30"
-    for args in (["mkdir", mounted.path("d")], ["mv", vm, mounted.path("w.img")],
+    for args in (["mkdir", mounted.path("d")], ["mv", vm, mounted.path("w@x.img")],
                  ["touch", mounted.path("x@y.img")], ["touch", mounted.path("notimg")]):
         assert run(*args, check=False).returncode != 0
     assert os.listdir(mounted.mnt) == ["vm.img"]
@@ -204,7 +204,7 @@ def test_umount_refuses_while_loop_attached(mounted):
         assert dev in p.stderr and str(vm) in p.stderr and "losetup -d" in p.stderr
         assert util.mount_type(mounted.mnt) == "fuse.dmfs"
     finally:
-        util.losetup_detach(dev)
+        util.losetup_detach(dev, mounted.mnt)
     p = dmfs("umount", mounted.mnt)
     assert p.stdout == p.stderr == ""
     # `dmfs umount` returns only after the daemon exited
@@ -230,7 +230,7 @@ def test_sigterm_with_loop_attached_warns(mounted):
         mounted.proc.send_signal(signal.SIGTERM)
         assert mounted.proc.wait(timeout=60) == 0
     finally:
-        util.losetup_detach(dev)
+        util.losetup_detach(dev, mounted.mnt)
     assert f"loop devices still use files of {os.path.realpath(mounted.mnt)}: {dev}" in mounted.log()
 
 
@@ -240,11 +240,12 @@ def test_dmfs_status(mounted):
     setfattr(vm, "user.dmfs.snapshot", "s1 chunk_size=4K")
     pwrite(vm, 0, os.urandom(MiB))
     out = dmfs("status", mounted.mnt).stdout.splitlines()
-    assert out[0].split() == ["LV", "Origin", "LSize", "Chunk", "Data%", "State"]
-    assert out[1].split() == ["vm", "1.00g", "active"]
+    assert out[0].split() == ["LV", "VG", "Attr", "LSize", "Origin", "Data%", "Meta%", "Cpy%Sync"]
+    assert out[1].split() == ["vm", "pool", "owi-a-s---", "1.00g"]
     row = out[2].split()
-    assert row[:4] == ["vm@s1", "vm", "1.00g", "4.00k"] and row[5] == "active"
-    assert 0 < float(row[4]) < 1
+    assert row[:5] == ["vm@s1", "pool", "swi-a-s---", "1.00g", "vm"]   # LSize: the COW space
+    assert 0 < float(row[5]) < 1 and 0 <= float(row[6]) <= float(row[5])
+    assert out[3].strip().startswith("pool ")
     p = dmfs("status", mounted.tmp, check=False)
     assert p.returncode == 1 and p.stderr.startswith("dmfs: ")
 
@@ -387,9 +388,7 @@ def test_systemd_unit_verifies(tmp_path):
 
 
 def test_max_background_raised(mounted):
-    with open("/proc/self/mountinfo") as f:
-        line = next(ln for ln in f if ln.split()[4] == os.path.realpath(mounted.mnt))
-    minor = line.split()[2].split(":")[1]
+    _, minor = util.mount_entry(mounted.mnt).dev
     path = f"/sys/fs/fuse/connections/{minor}/max_background"
     # the daemon tunes it right after the mount answers; allow it a moment
     util.retry(10, lambda: os.path.exists(path) and open(path).read().strip() == "64")

@@ -240,8 +240,8 @@ class PoolUnderTest:
 
 
 def test_sigkill_at_random_moments(tmp_path):
-    rng = random.Random(int(os.environ.get("DMFS_CRASH_SEED", "0")) or None)
-    seed = rng.randrange(1 << 30)
+    # The seed printed on a failure replays the run: DMFS_CRASH_SEED=N.
+    seed = int(os.environ.get("DMFS_CRASH_SEED", "0")) or random.randrange(1, 1 << 30)
     rng = random.Random(seed)
     p = PoolUnderTest(tmp_path)
     p.mount()

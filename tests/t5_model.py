@@ -485,27 +485,6 @@ def test_model_random(mounted):
     assert stats["writes"] > 0
 
 
-class _FaultMount:
-    """What ModelRun needs of `mounted`, for a pool on faultfs."""
-
-    def __init__(self, fp):
-        self.fp = fp
-        self.mnt = fp.mnt
-
-    @property
-    def proc(self):
-        return self.fp.daemon.proc
-
-    def log(self):
-        return self.fp.daemon.log()
-
-    def restart(self):
-        rc = self.fp.stop()
-        assert rc == 0, f"daemon exited {rc}\n{self.log()}"
-        assert "Traceback" not in self.log(), self.log()
-        self.fp.start()
-
-
 def test_model_random_slow_disk(tmp_path):
     """The same on faultfs, which delays origin reads, COW writes and log
     syncs by a few ms (without failing them): the windows in which copies,
@@ -524,8 +503,7 @@ def test_model_random_slow_disk(tmp_path):
         fp.ffs.set_rules({"file": "vm.img", "op": "read", "errno": 0, "delay": 0.002},
                          {"file": "*.cow", "op": "write", "errno": 0, "delay": 0.003},
                          {"file": "*.log", "op": "fsync", "errno": 0, "delay": 0.004})
-        m = _FaultMount(fp)
-        stats = run_model(m, seed, _batches(SLOW_DISK_BATCHES), budget)
+        stats = run_model(fp, seed, _batches(SLOW_DISK_BATCHES), budget)
         assert stats["writes"] > 0
         fp.ffs.clear()
         assert fp.stop() == 0, fp.daemon.log()

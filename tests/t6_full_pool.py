@@ -165,7 +165,7 @@ def test_full_pool_gives_up_snapshots_one_at_a_time_and_loses_nothing(small_fs):
     for i in (1, 2, 3):
         os.setxattr(vm, "user.dmfs.snapshot", f"s{i} chunk_size=64K".encode())
         snaps.append(fs.mnt / f"vm@s{i}.img")
-    space = json.loads(os.getxattr(fs.mnt, "user.dmfs.space"))
+    space = json.loads(os.getxattr(fs.mnt, "user.dmfs.pool_space"))
     assert space["fs"] == fs.kind and space["overcommit"] > 0, space
     assert space["overwrite_needs_space"] == (fs.kind != "ext4"), space
     assert space["early_ack"] == ([] if fs.kind != "ext4" else ["vm"]), space
@@ -173,7 +173,7 @@ def test_full_pool_gives_up_snapshots_one_at_a_time_and_loses_nothing(small_fs):
         # the logs' headers are rewritten in place even on a full filesystem
         assert "C" in util.run("lsattr", fs.pool / "vm@s1.log").stdout.split()[0]
     status = util.dmfs("status", fs.mnt).stdout
-    assert f"Pool {fs.kind}: size" in status and "overcommitted by" in status, status
+    assert f"pool {fs.kind} file system" in status and "overcommitted by" in status, status
 
     # 1. The origin overwritten until the filesystem is full: every write
     #    and the fsync succeed (snapshots are given up to make room).
@@ -196,7 +196,7 @@ def test_full_pool_gives_up_snapshots_one_at_a_time_and_loses_nothing(small_fs):
     assert "is overcommitted" in log, log
     # the watcher looks every second: the full filesystem is warned about
     util.retry(5, lambda: "% full" in fs.daemon.log())
-    space = json.loads(os.getxattr(fs.mnt, "user.dmfs.space"))
+    space = json.loads(os.getxattr(fs.mnt, "user.dmfs.pool_space"))
     assert space["given_up"] == alive.count(False), space
 
     # A write that cannot get space, with nothing left to give up on its

@@ -1,12 +1,14 @@
 """Helpers shared by the tests: retries, commands, loop devices, a dmfs daemon.
 
-Nothing here imports dmfs: the mount tests drive dmfs the way a user does
-(``python -m dmfs``, ``truncate``, ``setfattr``, ``losetup``).
+The mount tests drive dmfs the way a user does (``python -m dmfs``,
+``truncate``, ``setfattr``, ``losetup``).  The one part of dmfs used here
+is `dmfs.cli.mounts`, the reader of /proc/self/mountinfo and of the loop
+devices that ``dmfs umount`` uses too: what is mounted where and which
+loop devices still use a mount's files is read in one place.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shlex
 import signal
@@ -14,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dmfs.cli.mounts import loop_devices_using, mount_entry, mount_type  # noqa: F401 (for the tests)
 
 
 def fuse_skip_reason() -> str | None:
@@ -58,14 +62,6 @@ def dmfs(*args, check: bool = True, timeout: float = 120, env=None):
     return run(sys.executable, "-m", "dmfs", *args, check=check, timeout=timeout, env=env)
 
 
-def loop_backing(dev: str) -> str | None:
-    try:
-        with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def losetup_attach(path, direct_io: bool = False, readonly: bool = False) -> str:
     cmd = ["losetup", "-f", "--show"]
     if direct_io:
@@ -77,38 +73,15 @@ def losetup_attach(path, direct_io: bool = False, readonly: bool = False) -> str
     return dev
 
 
-def losetup_detach(dev: str, timeout: float = 15) -> None:
-    """`losetup -d` and wait until the device really let go of its file.
+def losetup_detach(dev: str, mnt, timeout: float = 15) -> None:
+    """`losetup -d` and wait until the device no longer uses a file under `mnt`.
 
     Something else (udev probing) may still hold the device, in which case
-    `losetup -d` only sets autoclear.
+    `losetup -d` only sets autoclear; until it lets go, `dmfs umount MNT`
+    (rightly) refuses.
     """
     run("losetup", "-d", dev, check=False)
-    retry(timeout, lambda: loop_backing(dev) is None)
-
-
-def loops_under(mnt) -> list[str]:
-    """Loop devices whose backing file lies under `mnt`."""
-    root = os.path.realpath(mnt).rstrip("/") + "/"
-    out = []
-    for p in glob.glob("/sys/block/loop*/loop/backing_file"):
-        dev = "/dev/" + p.split("/")[3]
-        b = loop_backing(dev)
-        if b and b.startswith(root):
-            out.append(dev)
-    return out
-
-
-def mount_type(mnt) -> str | None:
-    """The fs type mounted at `mnt` from /proc/self/mountinfo (never blocks on FUSE)."""
-    target = os.path.realpath(mnt)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4].replace("\\040", " ") == target:
-                found = right.split()[0]
-    return found
+    retry(timeout, lambda: dev not in dict(loop_devices_using(mnt)))
 
 
 class Daemon:
@@ -146,8 +119,8 @@ class Daemon:
 
     def stop(self, timeout: float = 60) -> int:
         """Detach loop devices on the mount, `dmfs umount`, wait; return the exit code."""
-        for dev in loops_under(self.mnt):
-            losetup_detach(dev)
+        for dev, _ in loop_devices_using(self.mnt):
+            losetup_detach(dev, self.mnt)
         if self.proc.poll() is None and mount_type(self.mnt) == "fuse.dmfs":
             p = dmfs("umount", self.mnt, check=False, timeout=timeout)
             if p.returncode != 0:

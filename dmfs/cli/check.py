@@ -35,7 +35,6 @@ should be deleted.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ from store.persistent import LOG_COMPACT_SUFFIX, check_geometry, write_header_sl
 
 from ..errors import DmError
 from ..pool.names import STORE_FILE_RE
-from .common import QuietError, human_size
+from .common import QuietError, human_size, lock_pool_offline
 
 KNOWN_FILES = {"pool.json", "lock", "dmfs.log"}
 
@@ -94,7 +93,7 @@ def run(args) -> int:
         raise QuietError(f"{pool} is not a directory")
     if not os.path.exists(os.path.join(pool, "pool.json")):
         raise QuietError(f"{pool} is not a dmfs pool (no pool.json)")
-    lock_fd = _lock_pool(pool)
+    lock_fd = lock_pool_offline(pool, "checking")
     try:
         report = Report()
         check_pool(pool, report, repair=bool(getattr(args, "repair", False)))
@@ -104,30 +103,12 @@ def run(args) -> int:
     return 0 if report.errors == 0 else 1
 
 
-def _lock_pool(pool: str) -> int | None:
-    """flock POOL/lock like the daemon does; refuse if a daemon holds it.
-
-    Raises:
-      QuietError: the pool is mounted (or another check runs).
-    """
-    path = os.path.join(pool, "lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None   # never mounted: nobody to lock out
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise QuietError(f"pool {pool} is in use ({holder or 'locked'}); "
-                         "unmount it before checking") from None
-    return fd
-
-
 def check_pool(pool: str, report: Report, repair: bool = False) -> None:
     """Check every origin and store of `pool`; findings go to `report`."""
     names = sorted(os.listdir(pool))
+    if "rename.pending" in names:
+        report.warning("rename.pending", "a rename was interrupted (crash); the next mount "
+                       "finishes it, and until then its files may show below as half renamed")
     listed: set[str] = set()      # store base names (ORIGIN@SNAP) some origin lists
     origins = [n[:-5] for n in names if n.endswith(".json") and n != "pool.json"]
     snapshots = 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 from ..errors import DmError
 
 _UNITS = "bkmgtpe"
@@ -37,6 +40,33 @@ def describe_error(exc: BaseException) -> str:
             return f"{exc.filename}: {exc.strerror or exc}"
         return exc.strerror or str(exc)
     return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
+def lock_pool_offline(pool: str, doing: str) -> int | None:
+    """flock POOL/lock as the daemon does, for an offline command.
+
+    Args:
+      doing: what the command does, for the refusal ("checking").
+
+    Returns:
+      The locked fd (close it to unlock), or None for a pool no daemon has
+      ever held (it has no lock file: nobody to lock out).
+
+    Raises:
+      QuietError: the pool is mounted, or another offline command holds it.
+    """
+    try:
+        fd = os.open(os.path.join(pool, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise QuietError(f"pool {pool} is in use ({holder or 'locked'}); "
+                         f"unmount it before {doing}") from None
+    return fd
 
 
 def human_size(n: int | None) -> str:

@@ -3,15 +3,23 @@
 Sets ``user.dmfs.merge=start`` on the snapshot (the origin reads as the
 snapshot from then on) and, with ``--wait``, follows ``user.dmfs.merge``
 on the origin until the merge is done, with a progress bar, rate and ETA.
+A merge of that snapshot that already runs (started earlier, or resumed
+after a restart) is followed instead of refused; ``dmfs merge --wait
+MNT/NAME.img`` follows whatever merge runs into that origin.  A refusal
+comes back with the daemon's reason.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
+from .client import XA_INFO, get_attr, refused, volume_path
 from .common import QuietError
+
+XA_MERGE = "user.dmfs.merge"
 
 POLL_SECONDS = 0.5
 
@@ -43,31 +51,62 @@ def progress_line(done: int, total: int, chunk_size: int, rate: float, state: st
     return text
 
 
+def _merging(origin: str) -> dict | None:
+    """The origin's running (or paused, or failed) merge, from user.dmfs.info."""
+    try:
+        return json.loads(os.getxattr(origin, XA_INFO)).get("merging")
+    except (OSError, ValueError):
+        return None
+
+
 def run(args) -> int:
-    path = args.snapshot
-    base = os.path.basename(path)
-    if "@" not in base or not base.endswith(".img"):
-        raise QuietError(f"{path} is not a snapshot file (NAME@SNAP.img)")
-    origin = os.path.join(os.path.dirname(path), base.split("@", 1)[0] + ".img")
+    mnt, base, path = volume_path(args.snapshot, must_exist=False)
+    if "@" not in base:
+        # An origin: attach to the merge running into it.
+        if not os.path.exists(path):
+            raise QuietError(f"{path}: no such volume")
+        m = _merging(path)
+        if m is None:
+            raise QuietError(f"{path} has no merge running; start one with "
+                             f"dmfs merge {os.path.join(mnt, base[:-4])}@SNAP.img")
+        if not args.wait:
+            print(f"{path} is merging {base[:-4]}@{m['snapshot']}.img: "
+                  f"{get_attr(path, XA_MERGE, 'cannot read merge progress', mnt)}")
+            return 0
+        print(f"following the merge of {base[:-4]}@{m['snapshot']}.img into {base}", flush=True)
+        return follow(path, m["chunk_size"])
+    oname, sname = base[:-4].split("@", 1)
+    origin = os.path.join(mnt, oname + ".img")
     try:
         chunk_size = int(os.getxattr(path, "user.dmfs.chunk_size"))
-        os.setxattr(path, "user.dmfs.merge", b"start")
+        os.setxattr(path, XA_MERGE, b"start")
     except OSError as e:
-        raise QuietError(f"cannot merge {path}: {os.strerror(e.errno)}"
-                         " (see the dmfs log for why)") from None
+        m = _merging(origin)
+        if m is not None and m["snapshot"] == sname:
+            # Started before (by us earlier, by someone else, or resumed
+            # after a restart): attach to it instead of failing.
+            if not args.wait:
+                print(f"{base} is already merging into {oname}.img; follow it with: "
+                      f"dmfs merge --wait {origin}")
+                return 0
+            print(f"{base} is already merging into {oname}.img; following it", flush=True)
+            return follow(origin, m["chunk_size"])
+        raise refused(f"cannot merge {path}", path, e, mnt) from None
     if not args.wait:
-        print(f"merging {base} into {os.path.basename(origin)}; "
-              f"follow it with: getfattr -n user.dmfs.merge {origin}")
+        print(f"merging {base} into {oname}.img; "
+              f"follow it with: dmfs merge --wait {origin}")
         return 0
+    return follow(origin, chunk_size)
+
+
+def follow(origin: str, chunk_size: int) -> int:
+    """Show the merge into `origin` until it is done: progress, rate, ETA."""
     tty = sys.stdout.isatty()
     started, last_print = time.monotonic(), 0.0
     merge_chunks = 0      # the merge's size, as last seen
     samples: list[tuple[float, int]] = []
     while True:
-        try:
-            value = os.getxattr(origin, "user.dmfs.merge").decode()
-        except OSError as e:
-            raise QuietError(f"cannot read merge progress of {origin}: {os.strerror(e.errno)}") from None
+        value = get_attr(origin, XA_MERGE, f"cannot read merge progress of {origin}")
         state, done, total, reason = parse_progress(value)
         if state == "failed":
             if tty:

@@ -15,6 +15,7 @@ After main returns the pool is closed, then the mount is removed.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import logging.handlers
@@ -33,7 +34,7 @@ import trio
 from ..errors import DmError
 from ..fuse.operations import Operations
 from .common import QuietError, describe_error, leaf_exception
-from .mounts import loop_devices_using
+from .mounts import FSTYPE, loop_devices_using, mount_type
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,19 @@ def check_mountpoint(mnt: str) -> None:
     except FileNotFoundError:
         raise QuietError(f"mountpoint {mnt} does not exist") from None
     except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            from .client import stale_message
+            raise QuietError(stale_message(mnt)) from None
         raise QuietError(f"mountpoint {mnt}: {e.strerror}") from None
+    if os.path.ismount(mnt) and mount_type(mnt) == FSTYPE:
+        from .client import stale_message
+        try:
+            os.getxattr(mnt, "user.dmfs.pid")
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise QuietError(stale_message(mnt)) from None
+        else:
+            raise QuietError(f"{mnt} is already a dmfs mount (see: dmfs status {mnt})")
     if not stat.S_ISDIR(st.st_mode):
         raise QuietError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import NamedTuple
 
 FSTYPE = "fuse.dmfs"
 
@@ -64,17 +65,57 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_type(mnt: str) -> str | None:
-    """The file system type mounted at `mnt` (topmost mount), or None."""
+class MountEntry(NamedTuple):
+    """What /proc/self/mountinfo says of one mount (the fields dmfs reads)."""
+
+    dev: tuple[int, int]  # (major, minor) of the mounted file system; for FUSE,
+                          # the connection's number in /sys/fs/fuse/connections
+    fstype: str           # "fuse.dmfs", "ext4", ...
+
+
+def mount_entry(mnt: str) -> MountEntry | None:
+    """The mountinfo entry of the topmost mount at `mnt`, or None."""
     mnt = resolve_mountpoint(mnt)
-    fstype = None
+    found = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
                 if _unescape(fields[4]) == mnt:
-                    fstype = fields[sep + 1]
+                    major, minor = fields[2].split(":")
+                    found = MountEntry((int(major), int(minor)), fields[sep + 1])
     except OSError:
         return None
-    return fstype
+    return found
+
+
+def mount_type(mnt: str) -> str | None:
+    """The file system type mounted at `mnt` (topmost mount), or None."""
+    entry = mount_entry(mnt)
+    return entry.fstype if entry is not None else None
+
+
+def mount_source(mnt: str) -> str | None:
+    """The source field of the topmost mount at `mnt` (``dmfs:POOL`` for a
+    dmfs mount), or None."""
+    mnt = resolve_mountpoint(mnt)
+    source = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if _unescape(fields[4]) == mnt:
+                    source = _unescape(fields[sep + 2])
+    except OSError:
+        return None
+    return source
+
+
+def pool_of(mnt: str) -> str | None:
+    """The pool directory a dmfs mount serves, from its fsname (no daemon needed)."""
+    source = mount_source(mnt)
+    if source and source.startswith("dmfs:"):
+        return source[len("dmfs:"):]
+    return None

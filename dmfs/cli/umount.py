@@ -10,15 +10,18 @@ when the command returns.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import sys
 import shutil
 import subprocess
 import threading
 import time
 
 from .common import QuietError
-from .mounts import FSTYPE, loop_devices_using, mount_type, resolve_mountpoint
+from .mounts import FSTYPE, loop_devices_using, mount_type, pool_of, resolve_mountpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +57,28 @@ def wait_for_exit(pid: int, timeout: float = EXIT_TIMEOUT) -> bool:
     return True
 
 
-def _daemon_pid(mnt: str, timeout: float = PID_TIMEOUT) -> int | None:
+def _transient(mnt: str) -> list[str]:
+    """The snapshots of the mount with a transient store (store=N)."""
+    out = []
+    for name in sorted(os.listdir(mnt)):
+        if "@" not in name or not name.endswith(".img"):
+            continue
+        try:
+            info = json.loads(os.getxattr(os.path.join(mnt, name), "user.dmfs.info"))
+        except (OSError, ValueError):
+            continue
+        if info.get("store") == "N":
+            out.append(name)
+    return out
+
+
+def _daemon_pid(mnt: str, timeout: float = PID_TIMEOUT, transient: list | None = None) -> int | None:
     """The daemon's pid from ``user.dmfs.pid`` on the mount root, or None.
 
     Asked in a daemon thread with a timeout: a hung daemon must not hang
     `dmfs umount` too (the unmount itself does not need the daemon).
+    `transient`, if given, receives the names of transient snapshots
+    (asked in the same thread).
     """
     result: list = []
 
@@ -67,6 +87,12 @@ def _daemon_pid(mnt: str, timeout: float = PID_TIMEOUT) -> int | None:
             result.append(int(os.getxattr(mnt, "user.dmfs.pid")))
         except (OSError, ValueError) as e:
             result.append(e)
+            return
+        if transient is not None:
+            try:
+                transient.extend(_transient(mnt))
+            except OSError:
+                pass
 
     t = threading.Thread(target=ask, daemon=True)
     t.start()
@@ -77,8 +103,13 @@ def _daemon_pid(mnt: str, timeout: float = PID_TIMEOUT) -> int | None:
     if isinstance(result[0], Exception):
         # A dead daemon (ENOTCONN) can still be unmounted; nothing to wait for.
         log.debug("no daemon pid from %s: %s", mnt, result[0])
+        if getattr(result[0], "errno", None) == errno.ENOTCONN:
+            return DEAD
         return None
     return result[0]
+
+
+DEAD = -1   # _daemon_pid: the daemon behind the mount is gone
 
 
 def _unmount(mnt: str) -> None:
@@ -104,8 +135,18 @@ def run(args) -> int:
         raise QuietError(f"{mnt} is in use by "
                          + ", ".join(f"{dev} ({path})" for dev, path in users)
                          + "; detach with losetup -d first")
-    pid = _daemon_pid(mnt)
+    transient: list[str] = []
+    pid = _daemon_pid(mnt, transient=transient)
+    for name in transient:
+        print(f"dmfs: warning: {name} is a transient snapshot (store=N): its contents are gone "
+              "with this unmount", file=sys.stderr)
+    pool = pool_of(mnt)
     _unmount(mnt)
+    if pid == DEAD:
+        print(f"dmfs: {mnt} was a dead mount (its daemon had crashed or been killed) and is "
+              f"unmounted; `dmfs mount {pool or 'POOL'} {mnt}` mounts the pool again and "
+              "recovers it", file=sys.stderr)
+        return 0
     if pid is not None and not wait_for_exit(pid):
         raise QuietError(f"{mnt} is unmounted, but daemon pid {pid} is still "
                          f"running after {EXIT_TIMEOUT:.0f} s")

@@ -50,11 +50,14 @@ import errno
 import functools
 import logging
 import os
+import stat
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
+from dmio import discard_ranges
 from dmio.space import NOSPACE
 from kcopyd import CopyResult, KcopydClient, Region
 
@@ -436,6 +439,54 @@ class Origin(Volume):
         for s, group in by_snap.items():
             await s.complete_pending(group, err)
 
+    # -- discard -----------------------------------------------------------------
+
+    def unneeded(self, start: int, end: int, exclude: Snapshot | None = None) -> list[tuple[int, int]]:
+        """The byte intervals [a, b) of [start, end) that no valid snapshot
+        (but `exclude`) still reads from the origin."""
+        free = [(start, min(end, self.size))]
+        for s in self.snapshots:
+            if s is exclude or not s.valid or not s.active:
+                continue
+            free = _intersect(free, s.copied(start, end))
+            if not free:
+                break
+        return [(a, b) for a, b in free if a < b]
+
+    async def discard(self, start: int, end: int) -> int:
+        """Discard [start, end) of the origin: every snapshot first gets its
+        copy of what is there (as for a write), then the range is punched
+        out of the origin's file (it reads zeroes; the space is freed).
+        dm's snapshot-origin target takes no discards; a linear target
+        passes them down, which is what this is once the copies are made.
+
+        The caller has the origin suspended (no write in flight, the
+        write-back cache applied).  Returns the bytes punched.
+        """
+        end = min(end, self.size)
+        if start >= end:
+            return 0
+        await self.copy_out([(start, end)])
+        try:
+            await trio.to_thread.run_sync(discard_ranges, self.fd, [(start, end - start)])
+        except OSError as e:
+            raise DmError(e.errno or errno.EIO, f"discard of {self.filename} failed: {e}") from None
+        self.mtime_ns = time.time_ns()
+        return end - start
+
+    # -- name -----------------------------------------------------------------
+
+    def rename(self, name: str, path: str | None = None) -> None:
+        """The owner renamed this origin (and its files): the snapshots'
+        names follow; `path` is the data file's new path (None: adopted
+        backing, unchanged)."""
+        super().rename(name)
+        if path is not None:
+            self.path = path
+        self.writeback.name = self.filename
+        for s in self.snapshots:
+            s.rename_snapshot(s.snap_name)
+
     # -- size -----------------------------------------------------------------
 
     async def grow(self, size: int) -> None:
@@ -452,16 +503,33 @@ class Origin(Volume):
         return self.merge.describe() if self.merge is not None else "none"
 
     def info(self) -> dict:
+        m = self.merge
         return {
             "name": self.name, "file": self.filename, "origin": "", "size": self.size,
             "chunk_size": None, "data_percent": None,
-            "state": "active" if self.merge is None else self.merge.describe(),
+            "state": "active" if m is None else m.describe(),
             "merge": self.merge_state(),
             "snapshots": [s.snap_name for s in self.snapshots],
             "backing": self.backing, "readonly": False,
             "copy_throttle": self.kcopyd.throttle_percent,
             "cow_threshold": self.kcopyd.cow_threshold,
+            "open": self.open_count, "allocated": self.allocated(),
+            # The snapshot being merged has left the listing; what `dmfs
+            # status` shows of it (and `dmfs merge --wait` follows) is here.
+            "merging": None if m is None else {
+                "snapshot": m.snap.snap_name, "state": m.state.value, "reason": m.reason,
+                "done": m.done, "total": m.total, "chunk_size": m.snap.chunk_size,
+                "snapshot_info": m.snap.info()},
         }
+
+    def allocated(self) -> int:
+        """Bytes the origin's data really occupies (st_blocks of its file;
+        a block device counts whole)."""
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return 0
+        return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else self.size
 
     @property
     def tunables(self) -> OriginTunables:
@@ -482,3 +550,18 @@ class Origin(Volume):
         """
         self.load_tunables(tunables)
         await self.raise_event(TunablesChanged(self))
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two sorted lists of disjoint intervals [x, y)."""
+    out, i, j = [], 0, 0
+    b = sorted(b)
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out

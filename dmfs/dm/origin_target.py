@@ -75,7 +75,7 @@ class OriginTarget(Target):
         elif req.op is Op.WRITE and (o.snapshots or wb.entries):
             waits = o.start_cow(req.offset, req.end)
             await o.wait_invalidations()
-            deps = wb.overlapping(req.offset, req.end)
+            deps = wb.ordered_before(req.offset, req.end)
             if (waits or deps) and wb.enabled and not req.flags & Flags.FUA \
                     and wb.reserve(req.offset, req.length):
                 # Acknowledge now, apply once the copy-outs are committed.

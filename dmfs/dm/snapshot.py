@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from dmio import discard_ranges
 from dmio.space import NOSPACE
 from store import ExceptionRun, ExceptionStore, StoreType
 
@@ -268,6 +269,74 @@ class Snapshot(Volume):
         self.origin.cow_progressed()
         return retry
 
+    # -- discard (dm-snap.c's discard_zeroes_cow, discard_passdown_origin) --------
+
+    def cow_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(offset, length) in the COW file of every byte of [start, end)
+        this snapshot has its own copy of (a completed exception)."""
+        cs = self.chunk_size
+        end = min(end, self.size)
+        c0, c1 = self.chunk_range(start, end)
+        out = []
+        for old, new, n in self.exceptions.lookup_range(c0, c1 - c0):
+            if new is None:
+                continue
+            lo, hi = max(start, old * cs), min(end, (old + n) * cs)
+            out.append((new * cs + lo - old * cs, hi - lo))
+        return out
+
+    def copied(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The byte intervals [a, b) of [start, end) this snapshot no longer
+        reads from the origin: completed exceptions, and all past its size."""
+        cs = self.chunk_size
+        out = []
+        c0, c1 = self.chunk_range(start, end)
+        for old, new, n in self.exceptions.lookup_range(c0, c1 - c0):
+            if new is not None:
+                out.append((max(start, old * cs), min(end, (old + n) * cs)))
+        if end > self.size:
+            out.append((max(start, self.size), end))
+        return [(a, b) for a, b in out if a < b]
+
+    async def discard(self, start: int, end: int, passdown: bool) -> tuple[int, int]:
+        """Discard [start, end) of the snapshot, as dm-snap.c does with
+        discard_zeroes_cow: every byte the snapshot has its own copy of is
+        punched out of the COW file (it reads zeroes, and the space is
+        freed; the exception stays, as dm's zero_exception keeps it); bytes
+        still shared with the origin are left as they are, unless
+        `passdown` (discard_passdown_origin): then the origin range is
+        punched too, but only where no other snapshot still reads it
+        (dm passes the discard down unconditionally, which would change
+        the other snapshots' point-in-time data).
+
+        The caller has this snapshot (and, with `passdown`, the origin)
+        suspended, so no write is in flight and no copy is pending.
+
+        Returns:
+          (bytes punched from the COW file, bytes punched from the origin).
+        """
+        cow = self.cow_ranges(start, end)
+        origin: list[tuple[int, int]] = []
+        if passdown:
+            origin = [(a, b - a) for a, b in self.origin.unneeded(start, end, exclude=self)]
+        cow_fd, origin_fd = self.store.cow_fd, self.origin.fd
+
+        def work() -> None:
+            discard_ranges(cow_fd, cow)
+            discard_ranges(origin_fd, origin)
+
+        try:
+            await trio.to_thread.run_sync(work)
+        except OSError as e:
+            raise DmError(e.errno or errno.EIO, f"discard of {self.filename} failed: {e}") from None
+        self.mtime_ns = time.time_ns()
+        return sum(n for _, n in cow), sum(n for _, n in origin)
+
+    def rename_snapshot(self, snap_name: str) -> None:
+        """The owner renamed this snapshot (or its origin) and its store files."""
+        self.snap_name = snap_name
+        self.rename(f"{self.origin.name}@{snap_name}")
+
     # -- reporting ----------------------------------------------------------
 
     def info(self) -> dict:
@@ -283,7 +352,24 @@ class Snapshot(Volume):
             "state": self.state(), "readonly": self.readonly,
             "exceptions": len(self.exceptions), "pending": len(self.pending),
             "store_stats": self.store.stats() if self.store is not None else None,
+            "open": self.open_count, "allocated": self.allocated(),
+            "invalid_reason": None if self.valid else self.invalid_reason,
+            "usage": list(self.store.usage()) if self.store is not None and self.valid else None,
+            "features": [f for f in ("discard_zeroes_cow", "discard_passdown_origin")
+                         if getattr(self.config, f)],
         }
+
+    def allocated(self) -> int:
+        """Bytes the snapshot's own store really occupies: its COW data
+        file and its log (st_blocks), not the origin data it shares."""
+        total = 0
+        for fd in (getattr(self.store, "cow_fd", -1), getattr(self.store, "log_fd", -1)):
+            if fd is not None and fd >= 0:
+                try:
+                    total += os.fstat(fd).st_blocks * 512
+                except OSError:
+                    pass
+        return total
 
     def state(self) -> str:
         if not self.valid:

@@ -70,6 +70,16 @@ class Volume:
     async def flush(self) -> None:
         await self.device.submit(Request(Op.FLUSH))
 
+    def rename(self, name: str) -> None:
+        """Take a new name (the owner renamed its files): log lines and
+        reports use it from now on; I/O does not care (it uses fds)."""
+        self.name = name
+        self.device.name = name
+
+    def allocated(self) -> int:
+        """Bytes this volume really occupies on disk (st_blocks, `du`)."""
+        return self.size
+
     def status(self) -> str:
         return self.device.table.status()
 

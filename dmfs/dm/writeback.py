@@ -14,9 +14,12 @@ writes acknowledged but not yet flushed may be lost, exactly as with a
 disk cache; fsync/FUA waits until they are applied and synced, so nothing
 fsynced is ever lost, and every snapshot stays intact.
 
-Ordering: an entry applies only after every earlier entry overlapping it
-(its `deps`); a later write or read of an overlapping range waits behind
-it.  So the origin always reads what was last acknowledged.
+Ordering: an entry applies only after every earlier entry that shares a
+4 KiB page with it (its `deps`); a later read of an overlapping range
+waits behind it.  So the origin always reads what was last acknowledged,
+and after a crash a page holds a prefix of the writes acknowledged to it,
+as a page of a 4Kn disk would: two writes to different sectors of one page
+never land in the other order.
 
 Space: nothing is acknowledged that cannot be stored.  Where an overwrite
 never needs new space (a block device) the cache holds writes freely
@@ -56,6 +59,8 @@ DEFAULT_MAX_BYTES = 32 << 20
 DEFAULT_MAX_ENTRIES = 256
 # Index granularity: an entry is listed in every region it touches.
 REGION_SHIFT = 20
+# Writes are ordered by the pages they touch, not only by their bytes.
+PAGE_SHIFT = 12
 
 
 class SpacePolicy(enum.Enum):
@@ -190,6 +195,12 @@ class WritebackCache:
                     found[id(e)] = e
         return list(found.values())
 
+    def ordered_before(self, start: int, end: int) -> list[_Entry]:
+        """Entries not yet applied that a write to [start, end) must follow:
+        those sharing a 4 KiB page with it, oldest first."""
+        return self.overlapping(start >> PAGE_SHIFT << PAGE_SHIFT,
+                                ((end - 1) >> PAGE_SHIFT) + 1 << PAGE_SHIFT)
+
     async def wait_clear(self, start: int, end: int) -> None:
         """Wait until nothing cached overlaps [start, end) (reads, FUA writes)."""
         for e in self.overlapping(start, end):
@@ -207,7 +218,7 @@ class WritebackCache:
         # wait_readable, or MappedDevice.submit's).
         while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
             await self._changed.wait()
-        deps = self.overlapping(start, start + n)
+        deps = self.ordered_before(start, start + n)
         e = _Entry(start, data, deps, waits)
         for r in range(start >> REGION_SHIFT, ((e.end - 1) >> REGION_SHIFT) + 1):
             self._regions.setdefault(r, []).append(e)
@@ -217,6 +228,10 @@ class WritebackCache:
         if not self._applying:
             self._applying = True
             self.nursery.start_soon(self._applier)
+        elif all(pe.done.is_set() for pe in waits):
+            # Its copies finished while it waited for room: the applier may
+            # be asleep with nothing else to wake it.
+            self._kick.set()
 
     def kick(self) -> None:
         """Pending exceptions completed: the applier looks again."""

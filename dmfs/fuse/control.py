@@ -48,20 +48,26 @@ XA_CHUNK_SIZE = b"user.dmfs.chunk_size"      # snapshot
 XA_COW_SIZE = b"user.dmfs.cow_size"          # snapshot, get and set
 XA_ORIGIN = b"user.dmfs.origin"              # snapshot
 XA_MERGE = b"user.dmfs.merge"                # snapshot: set start; origin: get state, set stop|start
+XA_DISCARD = b"user.dmfs.discard"            # both, set only: "OFFSET LENGTH" (pool/discard.py)
 
 # Attributes of the mount root.
 XA_PID = b"user.dmfs.pid"
 XA_POOL = b"user.dmfs.pool"
-XA_SPACE = b"user.dmfs.space"                # JSON: the pool's filesystem, free, overcommit
+XA_POOL_SPACE = b"user.dmfs.pool_space"      # JSON, pool/space.py
+
+# Any file and the root, get only: the caller's last refusal there
+# (fuse/refusals.py; on the root: anywhere on the mount).  Not listed.
+XA_ERROR = b"user.dmfs.error"
 
 # What `listxattr` shows, i.e. what `getfattr -d -m user.dmfs` prints.
 ORIGIN_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_COPY_THROTTLE, XA_COW_THRESHOLD, XA_MERGE)
 SNAPSHOT_GETTABLE = (XA_STATUS, XA_TABLE, XA_INFO, XA_CHUNK_SIZE, XA_COW_SIZE, XA_ORIGIN)
-ROOT_GETTABLE = (XA_PID, XA_POOL, XA_SPACE)
+ROOT_GETTABLE = (XA_PID, XA_POOL, XA_POOL_SPACE)
 
 # Every name this version knows, so that setting a known get-only one
 # says "read-only" (EINVAL) rather than "unknown" (ENODATA).
-_KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE + (XA_SNAPSHOT, XA_MERGE))
+_KNOWN = frozenset(ORIGIN_GETTABLE + SNAPSHOT_GETTABLE + ROOT_GETTABLE
+                   + (XA_SNAPSHOT, XA_MERGE, XA_ERROR, XA_DISCARD))
 
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)", re.IGNORECASE)
@@ -164,6 +170,18 @@ def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
     return spec
 
 
+def parse_discard(value: bytes | str) -> tuple[int, int]:
+    """Parse ``'OFFSET LENGTH'`` (sizes, K/M/G suffixes) of user.dmfs.discard.
+
+    Raises:
+      DmError(EINVAL): not two sizes.
+    """
+    words = _text(value, "user.dmfs.discard").split()
+    if len(words) != 2:
+        raise DmError(errno.EINVAL, "user.dmfs.discard takes OFFSET LENGTH (e.g. '0 1M')")
+    return parse_size(words[0]), parse_size(words[1])
+
+
 def _parse_int(value: bytes, attr: bytes, lo: int, hi: int | None) -> int:
     text = _text(value, attr.decode())
     try:
@@ -182,6 +200,12 @@ def _ascii(value) -> bytes:
 
 def _unknown(name: bytes) -> DmError:
     return DmError(errno.ENODATA, f"no attribute {name.decode('ascii', 'backslashreplace')}")
+
+
+def error_value(reason: str | None) -> bytes:
+    """The value of ``user.dmfs.error``: the reason of the caller's last
+    refusal (one line, ending with the errno's name), or empty."""
+    return b"" if reason is None else reason.encode("utf-8", "backslashreplace")
 
 
 # -- per-volume dispatch ---------------------------------------------------
@@ -242,6 +266,10 @@ async def set_xattr(pool, volume, name: bytes, value: bytes) -> None:
         # Returns promptly: the merge itself runs in the background.
         await pool.set_merge(volume, _text(value, sname).strip())
         return
+    if name == XA_DISCARD:
+        offset, length = parse_discard(value)
+        await pool.discard(volume, offset, length)
+        return
     if volume.is_snapshot:
         if name == XA_COW_SIZE:
             nbytes = parse_size(value)
@@ -298,8 +326,8 @@ def get_root_xattr(pool, name: bytes) -> bytes:
         return _ascii(os.getpid())
     if name == XA_POOL:
         return os.fsencode(os.path.abspath(os.fspath(pool.path)))
-    if name == XA_SPACE:
-        return json.dumps(pool.space_report(), sort_keys=True).encode("ascii", "backslashreplace")
+    if name == XA_POOL_SPACE:
+        return json.dumps(pool.space(), sort_keys=True).encode("utf-8")
     raise _unknown(name)
 
 

@@ -49,6 +49,15 @@ class InodeTable:
     def name(self, ino: int) -> str | None:
         return self._by_ino.get(ino)
 
+    def rename(self, old: str, new: str) -> None:
+        """`old`'s inode number now belongs to `new` (a volume was renamed:
+        open files and the kernel's inode keep their number)."""
+        ino = self._by_name.pop(old, None)
+        self.retire(new)
+        if ino is not None:
+            self._by_name[new] = ino
+            self._by_ino[ino] = new
+
     def retire(self, filename: str) -> None:
         """Forget `filename`'s inode for good (it is never reused)."""
         ino = self._by_name.pop(filename, None)
@@ -81,7 +90,11 @@ def root_attributes(uid: int, gid: int, time_ns: int) -> pyfuse3.EntryAttributes
 
 
 def volume_attributes(volume, ino: int, uid: int, gid: int) -> pyfuse3.EntryAttributes:
-    """A volume: a regular file of the volume's size, read-only if the volume is."""
+    """A volume: a regular file of the volume's size, read-only if the volume is.
+
+    st_blocks is what the volume really occupies (`Volume.allocated`), so
+    `du` and `ls -s` tell the truth about a sparse pool.
+    """
     mode = stat.S_IFREG | (0o444 if volume.readonly else 0o644)
-    return _attributes(ino, mode, 1, volume.size, (volume.size + 511) // 512, uid, gid,
+    return _attributes(ino, mode, 1, volume.size, (volume.allocated() + 511) // 512, uid, gid,
                        volume.mtime_ns)

@@ -29,10 +29,12 @@ from pyfuse3 import FUSEError
 from . import control
 from ..errors import DmError
 from .inodes import BLOCK_SIZE, ROOT_INODE, InodeTable, root_attributes, volume_attributes
+from .refusals import Refusals
 
 log = logging.getLogger(__name__)
 
 IMG_SUFFIX = ".img"
+RENAME_EXCHANGE = 2   # linux/fs.h; rename(2) with RENAME_NOREPLACE is fine: nothing is replaced
 
 
 # Handlers whose first argument is a file handle, and those whose second
@@ -58,14 +60,23 @@ def _handler(fn):
             raise
         except DmError as e:
             log.warning("%s %s: %s", fn.__name__, self._describe(fn.__name__, args), e)
+            self._refused(fn.__name__, args, str(e))
             raise FUSEError(e.errno) from None
         except OSError as e:
             log.warning("%s %s: %s", fn.__name__, self._describe(fn.__name__, args), e)
+            self._refused(fn.__name__, args, _os_reason(e))
             raise FUSEError(e.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s %s", fn.__name__, self._describe(fn.__name__, args))
             raise FUSEError(errno.EIO) from None
     return wrapper
+
+
+def _os_reason(e: OSError) -> str:
+    """One line for an OSError of the daemon: what failed, and the errno's name."""
+    what = f"{e.filename}: " if e.filename is not None else ""
+    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "EIO"
+    return f"{what}{e.strerror or e} ({name})"
 
 
 class _OpenFile:
@@ -93,6 +104,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.pool = pool
         self._inodes = InodeTable()
+        self._refusals = Refusals(ROOT_INODE)
         self._open: dict[int, _OpenFile] = {}
         self._dirs: dict[int, list[str]] = {}
         self._next_fh = 1
@@ -115,6 +127,23 @@ class Operations(pyfuse3.Operations):
             return self._inodes.name(args[0]) or f"inode {args[0]}"
         except Exception:
             return "?"
+
+    def _refused(self, handler: str, args, reason: str) -> None:
+        """Record a refusal for ``user.dmfs.error`` (refusals.py); only
+        requests that carry a caller context (the last argument) can."""
+        try:
+            ctx = args[-1] if args and hasattr(args[-1], "uid") else None
+            if ctx is None:
+                return
+            if handler in _NAME_HANDLERS:
+                names = [args[1]] + ([args[3]] if handler == "rename" else [])
+                inodes = tuple(i for i in (self._inodes.find(os.fsdecode(n)) for n in names)
+                               if i is not None)
+            else:
+                inodes = (args[0],)
+            self._refusals.record(inodes, ctx, reason)
+        except Exception:  # bookkeeping must never turn a refusal into a crash
+            log.exception("recording a refusal of %s failed", handler)
 
     def _volume(self, inode: int):
         """The volume behind `inode`, or ENOENT."""
@@ -365,6 +394,11 @@ class Operations(pyfuse3.Operations):
             # The kernel asks for security.capability etc. all the time:
             # answer cheaply and without a log line.
             raise FUSEError(errno.ENODATA)
+        if name == control.XA_ERROR:
+            # Answered here, not by control: it is about the caller, not the volume.
+            if inode != ROOT_INODE:
+                self._volume(inode)
+            return control.error_value(self._refusals.last(inode, ctx))
         if inode == ROOT_INODE:
             return control.get_root_xattr(self.pool, name)
         return control.get_xattr(self.pool, self._volume(inode), name)
@@ -402,6 +436,9 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         if not name.startswith(control.PREFIX):
             raise FUSEError(errno.ENODATA)
+        if name == control.XA_ERROR:
+            self._refusals.clear(ctx)
+            return
         if inode != ROOT_INODE:
             self._volume(inode)
         control.remove_xattr(None, name)
@@ -430,4 +467,32 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise DmError(errno.EPERM, "volumes cannot be renamed")
+        if parent_inode_old != ROOT_INODE or parent_inode_new != ROOT_INODE:
+            raise FUSEError(errno.ENOTDIR)
+        if flags & RENAME_EXCHANGE:
+            raise DmError(errno.EINVAL, "volumes cannot be exchanged")
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        vol = self.pool.lookup(old)
+        if vol is None:
+            raise FUSEError(errno.ENOENT)
+        if self.pool.lookup(new) is not None:
+            raise DmError(errno.EEXIST, f"{new} exists; a rename never replaces a volume")
+        if not new.endswith(IMG_SUFFIX) or len(new) <= len(IMG_SUFFIX):
+            raise DmError(errno.EINVAL, f"{new!r}: volumes are named NAME.img or NAME@SNAP.img")
+        vname = new[:-len(IMG_SUFFIX)]
+        if vol.is_snapshot:
+            oname, _, sname = vname.partition("@")
+            if oname != vol.origin.name or not sname:
+                raise DmError(errno.EINVAL, f"{old} can only be renamed within its origin: "
+                              f"{vol.origin.name}@NEWNAME.img")
+            renamed = await self.pool.rename_snapshot(vol, sname)
+        else:
+            if "@" in vname:
+                raise DmError(errno.EINVAL, f"{new!r}: an origin's name cannot contain '@'")
+            renamed = await self.pool.rename_origin(vol, vname)
+        for a, b in renamed:
+            self._inodes.rename(a, b)
+            if a != old:
+                # The kernel moves the dentry it renames; the snapshots'
+                # old names it may still have cached are dropped here.
+                pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(a), ignore_enoent=True)

@@ -37,7 +37,7 @@ from . import merge, snapshots
 from .metadata import POOL_FORMAT, OriginMeta, read_json, write_json_atomic
 from .names import check_name
 from .snapshots import SnapshotSpec
-from .space import PoolFs, SpaceWatcher, snapshot_need, space_report, writeback_policy
+from .space import PoolFs, SpaceWatcher, snapshot_need, writeback_policy
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,10 @@ class Pool:
         # saved again by the space watcher and after a snapshot is given up.
         self._dirty: set[str] = set()
         self.fs: PoolFs | None = None
-        self.space = SpaceWatcher(self)
+        self.space_watch = SpaceWatcher(self)
         self.closed = False
+        # What opening the pool repaired or resumed, one phrase each.
+        self.recovered: list[str] = []
 
     # -- open / close ----------------------------------------------------------
 
@@ -106,10 +108,17 @@ class Pool:
             holder = os.pread(lock_fd, 4096, 0).decode(errors="replace").strip()
             os.close(lock_fd)
             raise DmError(errno.EBUSY, f"pool {path} is in use ({holder or 'locked'})") from None
+        # A clean close leaves the lock file empty (`close`); what is still
+        # in it says which daemon died holding the pool.
+        previous = os.pread(lock_fd, 4096, 0).decode(errors="replace").strip()
         os.ftruncate(lock_fd, 0)
         os.pwrite(lock_fd, f"pid {os.getpid()}\n".encode(), 0)
         pool = cls(path, nursery, lock_fd)
         try:
+            from .rename import finish_pending
+            done = await trio.to_thread.run_sync(finish_pending, path)
+            if done:
+                pool.recovered.append(done)
             pool.fs = await trio.to_thread.run_sync(PoolFs.detect, path)
             log.info("pool %s is on %s%s", path, pool.fs.kind,
                      "; an overwrite may need new space there, so origin writes are "
@@ -120,8 +129,30 @@ class Pool:
         except BaseException:
             await pool.close()
             raise
-        nursery.start_soon(pool.space.run)
+        nursery.start_soon(pool.space_watch.run)
+        pool._report_recovery(previous)
         return pool
+
+    def _report_recovery(self, previous: str) -> None:
+        """One log line on what opening the pool had to recover (README,
+        "What a crash can and cannot lose"): after a crash always, else
+        only if anything was done."""
+        for o in self._origins.values():
+            for snap in o.snapshots:
+                torn = getattr(snap.store, "torn_cut", None)
+                if torn:
+                    self.recovered.append(f"{snap.name}: cut a torn log tail of {torn[0]} bytes "
+                                          f"({torn[1]} records of an unfinished commit)")
+                stats = snap.store.stats() if snap.store is not None else {}
+                if stats.get("free_chunks"):
+                    self.recovered.append(f"{snap.name}: {stats['free_chunks']} COW chunks of "
+                                          "unfinished commits or merges reused")
+        what = "; ".join(self.recovered) if self.recovered else "nothing needed repair"
+        if previous.startswith("pid "):
+            log.warning("pool %s was not closed cleanly (%s held it); recovered: %s",
+                        self.path, previous, what)
+        elif self.recovered:
+            log.info("pool %s opened; recovered: %s", self.path, what)
 
     def record_mount(self, mountpoint: str) -> None:
         """Note the mountpoint in the lock file (shown when the pool is busy)."""
@@ -152,6 +183,7 @@ class Pool:
             if not sm.config.store.persistent:
                 # A transient store's exceptions lived in memory only.
                 log.warning("transient snapshot %s@%s did not survive the restart; removing it", name, snap_name)
+                self.recovered.append(f"dropped transient snapshot {name}@{snap_name}")
                 await remove_store(base)
                 dropped = True
                 continue
@@ -159,6 +191,8 @@ class Pool:
                 store = await open_store(base, sm.config.store, spawn=self.nursery.start_soon)
             except DmError as e:
                 log.error("snapshot %s@%s: %s; listed as Invalid", name, snap_name, e)
+                self.recovered.append(f"{name}@{snap_name} could not be opened and is listed "
+                                      f"as Invalid ({e})")
                 store = None
             snap = Snapshot(origin, snap_name, store, sm.size, sm.config)
             if sm.invalid and snap.valid:
@@ -183,16 +217,22 @@ class Pool:
                           name, meta.merging)
             else:
                 await merge.resume_merge(self, snap, meta.merge_total or len(snap.exceptions))
+                self.recovered.append(f"resumed the merge of {snap.name} into {name} "
+                                      f"({origin.merge.describe()})")
 
     async def close(self) -> None:
         """Drain every device and close every store and file."""
         if self.closed:
             return
         self.closed = True
-        await self.space.stop()
+        await self.space_watch.stop()
         errors: list[DmError] = []
         for origin in list(self._origins.values()):
             await self._close_origin(origin, errors)
+        try:
+            os.ftruncate(self.lock_fd, 0)   # closed cleanly (see `open`)
+        except OSError as e:
+            log.warning("cannot clear %s: %s", self.lock_path, e.strerror)
         os.close(self.lock_fd)
         if errors:
             # Everything else was still flushed and closed; report the first.
@@ -227,6 +267,8 @@ class Pool:
             transient = [s for s in origin.snapshots if not s.config.store.persistent]
             if transient:
                 for s in transient:
+                    log.warning("transient snapshot %s (store=N) is gone with this unmount, "
+                                "as designed", s.name)
                     origin.unregister(s)
                 await attempt(origin.filename, self.save_origin, origin)
             os.close(origin.fd)
@@ -268,6 +310,11 @@ class Pool:
                 return s
         return None
 
+    def space(self) -> dict:
+        """What the pool occupies and what is left (space.py, ``user.dmfs.pool_space``)."""
+        from .space import pool_space
+        return pool_space(self)
+
     # -- metadata ----------------------------------------------------------------
 
     async def save_origin(self, origin: Origin) -> None:
@@ -296,7 +343,7 @@ class Pool:
         """What the pool does when an origin raises an event (dmeventd's part)."""
         if isinstance(event, SnapshotInvalidated):
             snap = event.snapshot
-            self.space.check_fs()
+            self.space_watch.check_fs()
             try:
                 await self.save_origin(snap.origin)
             except OSError as e:
@@ -313,7 +360,7 @@ class Pool:
                         "it stays listed as Invalid until deleted", snap.name, event.needed_by,
                         event.freed)
             await self.save_dirty()
-            self.space.kick()
+            self.space_watch.kick()
         elif isinstance(event, MergeFinished):
             await merge.finish_merge(self, event.merge.origin)
         elif isinstance(event, TunablesChanged):
@@ -409,10 +456,6 @@ class Pool:
 
     # -- space (space.py) -----------------------------------------------------
 
-    def space_report(self) -> dict:
-        """The pool's space: `space.space_report` (user.dmfs.space)."""
-        return space_report(self)
-
     def space_info(self, volume: Volume) -> dict:
         """What user.dmfs.info adds to `volume.info()` about space."""
         if volume.is_snapshot:
@@ -429,6 +472,9 @@ class Pool:
     async def create_snapshot(self, origin: Origin, spec: SnapshotSpec) -> Snapshot:
         return await snapshots.create_snapshot(self, origin, spec)
 
+    async def adopt_snapshot(self, origin: Origin, name: str, build, config) -> Snapshot:
+        return await snapshots.adopt_snapshot(self, origin, name, build, config)
+
     async def delete_snapshot(self, snap: Snapshot) -> None:
         await snapshots.delete_snapshot(self, snap)
 
@@ -437,6 +483,21 @@ class Pool:
 
     async def set_cow_size(self, snap: Snapshot, nbytes: int) -> None:
         await snapshots.set_cow_size(self, snap, nbytes)
+
+    async def rename_origin(self, origin: Origin, new: str) -> list[tuple[str, str]]:
+        """`rename.rename_origin` of this pool (lvrename of an origin and its snapshots)."""
+        from . import rename
+        return await rename.rename_origin(self, origin, new)
+
+    async def rename_snapshot(self, snap: Snapshot, new: str) -> list[tuple[str, str]]:
+        """`rename.rename_snapshot` of this pool (lvrename of one snapshot)."""
+        from . import rename
+        return await rename.rename_snapshot(self, snap, new)
+
+    async def discard(self, volume: Volume, offset: int, length: int) -> None:
+        """`discard.discard` of this pool: the user.dmfs.discard command."""
+        from . import discard
+        await discard.discard(self, volume, offset, length)
 
     async def start_merge(self, snap: Snapshot):
         """`merge.start_merge` of this pool (what `lvconvert --merge` does)."""

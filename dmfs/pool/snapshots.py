@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dmio.space import NOSPACE
-from store import SECTOR, StoreType, create_store, remove_store
+from store import SECTOR, ExceptionStore, StoreType, create_store, open_store, remove_store
 
 from ..dm import Origin, Snapshot, SnapshotConfig, SnapshotTarget
 from ..dm.snapshot import AUTOEXTEND_OFF
@@ -65,10 +66,11 @@ class SnapshotSpec:
 async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Snapshot:
     """Take a point-in-time snapshot of `origin`.
 
-    The store is created first; then, with the origin suspended (no
-    write in flight, none admitted), the snapshot is registered and
-    the metadata saved.  Writes acknowledged before this returns are
-    in the snapshot; writes after it are not.
+    The store is created first (and with `spec.reserve`, allocated
+    whole); then, with the origin suspended (no write in flight, none
+    admitted), the snapshot is registered and the metadata saved.  Writes
+    acknowledged before this returns are in the snapshot; writes after it
+    are not.
 
     Raises:
       DmError(EEXIST): the name is taken; EINVAL: bad spec; ENOSPC: the
@@ -78,15 +80,9 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
     check_name(spec.name, "snapshot name")
     store_type = StoreType.parse(spec.store)
     async with origin.config_lock:
-        if pool.lookup(origin.filename) is not origin:
-            raise DmError(errno.ENOENT, f"{origin.filename} is gone")
-        if any(s.snap_name == spec.name for s in origin.snapshots):
-            raise DmError(errno.EEXIST, f"{origin.name}@{spec.name}.img already exists")
+        _check_new_snapshot(pool, origin, spec.name)
         if origin.size == 0:
             raise DmError(errno.EINVAL, f"{origin.filename} is empty; give it a size first")
-        if origin.merge is not None:
-            raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
-                          "snapshots of a merging origin are not supported")
         cow_size = spec.cow_size if spec.cow_size is not None else default_cow_size(origin, spec.chunk_size)
         check_room_for_snapshot(pool, f"{origin.name}@{spec.name}", spec.chunk_size)
         base = pool._store_base(origin.name, spec.name)
@@ -102,31 +98,80 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
                              discard_passdown_origin=spec.discard_passdown_origin,
                              reserve=spec.reserve, autoextend_threshold=spec.autoextend_threshold,
                              autoextend_percent=spec.autoextend_percent)
-        snap = Snapshot(origin, spec.name, store, origin.size, cfg)
-        try:
-            if spec.reserve:
-                try:
-                    await store.reserve_space()
-                except DmError as e:
-                    log.warning("not taking snapshot %s: its whole COW store (reserve, %d bytes) "
-                                "does not fit: %s", snap.name, cow_size, e)
-                    raise
-            await origin.device.suspend()
+        if spec.reserve:
             try:
-                origin.register(snap)
-                try:
-                    await pool.save_origin(origin)
-                except BaseException:
-                    origin.unregister(snap)
-                    raise
-            finally:
-                origin.device.resume()
-        except BaseException:
-            await store.destroy()
-            raise
+                await store.reserve_space()
+            except BaseException as e:
+                if isinstance(e, DmError):
+                    log.warning("not taking snapshot %s@%s: its whole COW store (reserve, %d "
+                                "bytes) does not fit: %s", origin.name, spec.name, cow_size, e)
+                await store.destroy()
+                raise
+        snap = await _register(pool, origin, spec.name, store, cfg)
     log.info("created snapshot %s (chunk %d, cow %d, store %s%s)", snap.name, snap.chunk_size, cow_size,
              store_type.value, ", reserved" if spec.reserve else "")
-    pool.space.kick()
+    pool.space_watch.kick()
+    return snap
+
+
+async def adopt_snapshot(pool: Pool, origin: Origin, name: str,
+                         build: Callable[[str], Awaitable[None]], config: SnapshotConfig) -> Snapshot:
+    """Register snapshot `name` whose store `await build(base)` writes and
+    closes at `base` (`dmfs import`), as create_snapshot registers a new one.
+
+    Nothing is registered unless build and opening its store succeed;
+    on any error the store's files are removed.
+
+    Raises:
+      DmError(EEXIST): the name is taken; EINVAL: bad name; EBUSY: merging.
+    """
+    check_name(name, "snapshot name")
+    async with origin.config_lock:
+        _check_new_snapshot(pool, origin, name)
+        base = pool._store_base(origin.name, name)
+        await remove_store(base)   # leftovers of a crash mid-create
+        try:
+            await build(base)
+            store = await open_store(base, config.store, spawn=pool.nursery.start_soon)
+        except BaseException:
+            await remove_store(base)
+            raise
+        snap = await _register(pool, origin, name, store, config)
+    log.info("adopted snapshot %s (chunk %d, store %s)", snap.name, snap.chunk_size, config.store)
+    return snap
+
+
+def _check_new_snapshot(pool: Pool, origin: Origin, name: str) -> None:
+    """Raises DmError unless `origin` may get a snapshot called `name` now."""
+    if pool.lookup(origin.filename) is not origin:
+        raise DmError(errno.ENOENT, f"{origin.filename} is gone")
+    if any(s.snap_name == name for s in origin.snapshots):
+        raise DmError(errno.EEXIST, f"{origin.name}@{name}.img already exists")
+    if origin.merge is not None:
+        raise DmError(errno.EBUSY, f"{origin.filename} is merging {origin.merge.snap.filename}; "
+                      "snapshots of a merging origin are not supported")
+
+
+async def _register(pool: Pool, origin: Origin, name: str, store: ExceptionStore,
+                    config: SnapshotConfig) -> Snapshot:
+    """Make `store` snapshot `name` of `origin`: registered and saved with the
+    origin suspended, so that it takes effect between two origin writes.
+    On failure the store is destroyed and nothing is registered."""
+    snap = Snapshot(origin, name, store, origin.size, config)
+    try:
+        await origin.device.suspend()
+        try:
+            origin.register(snap)
+            try:
+                await pool.save_origin(origin)
+            except BaseException:
+                origin.unregister(snap)
+                raise
+        finally:
+            origin.device.resume()
+    except BaseException:
+        await store.destroy()
+        raise
     return snap
 
 

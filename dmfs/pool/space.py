@@ -1,5 +1,6 @@
-"""The pool's space: the filesystem under it, what its snapshots may still
-need of it, warnings before it fills, and autoextend (dmeventd's part).
+"""The pool's space: what it occupies and what its filesystem has left
+(``user.dmfs.pool_space``), what its snapshots may still need of it,
+warnings before it fills, and autoextend (dmeventd's part).
 
 Snapshot stores are sparse files: by default each may grow to the size
 of its origin, so a few snapshots promise more room than the filesystem
@@ -14,9 +15,10 @@ makes it rarer and never a surprise:
   origins' write-back cache acknowledges nothing early
   (`writeback_policy`); elsewhere it allocates a write's range before
   acknowledging it.
-* `space_report`: the filesystem's size and free space, and what the
-  snapshots and the origins' holes may still need of it: the
-  overcommit is what that exceeds the free space by.
+* `pool_space`: the filesystem's size and free space, what the pool's
+  files occupy, and (`overcommit_report`) what the snapshots and the
+  origins' holes may still need of it: the overcommit is what that
+  exceeds the free space by.
 * `SpaceWatcher`, a periodic task (every `CHECK_INTERVAL` seconds:
   a statvfs and each store's counters): one warning in the log each
   time a store or the pool's filesystem crosses 80, 85, 90 and 95 %
@@ -37,7 +39,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -156,24 +158,75 @@ def store_percent(s: Snapshot) -> float | None:
     return 100.0 * allocated / total if total else 0.0
 
 
-def space_report(pool: Pool) -> dict:
-    """The pool's space as `user.dmfs.space` and `dmfs status` show it.
+def pool_space(pool: Pool) -> dict[str, Any]:
+    """The pool's space report, ``user.dmfs.pool_space`` (blocking but
+    cheap: one stat per pool file).  A JSON object that only grows:
+    readers (`dmfs status`) show the keys they know and ignore the rest.
 
-    size, free, used: bytes of the pool's filesystem (free: what an
-      unprivileged writer may still use, as df's Avail); used_percent as
-      df's Use%;
-    need: what the snapshots (and the origins' holes) may still take;
-    overcommit: how much `need` exceeds `free` by (0: everything fits);
-    overcommit_percent: need / free in percent (over 100: overcommitted);
-    fs, overwrite_needs_space, early_ack: the filesystem's kind, and
-      whether writes are acknowledged before they are applied;
-    given_up: snapshots given up for space since the mount;
-    snapshots: per snapshot "used_percent", "need", "reserve".
+    Keys:
+      path: the pool directory.
+      fs_size, fs_free, fs_avail: bytes of the file system holding the pool
+        (statvfs: total, free, free for unprivileged users).
+      used: bytes the pool's files really occupy (st_blocks of every file in
+        the pool directory: origin data, COW data, logs, metadata, the log).
+      virtual: the sum of the listed volumes' sizes (what `ls -l` adds up to).
+      origins, snapshots: how many of each are listed.
+      and the keys of `overcommit_report`.
     """
-    st = os.statvfs(pool.path)
-    size = st.f_blocks * st.f_frsize
+    path = os.fspath(pool.path)
+    st = os.statvfs(path)
+    used = 0
+    with os.scandir(path) as it:
+        for entry in it:
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    used += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue   # deleted meanwhile
+    # An origin adopted with --backing lives outside the pool directory.
+    for o in pool.origins():
+        if o.backing is not None:
+            used += o.allocated()
+    volumes = pool.volumes()
+    out = {
+        "path": os.path.abspath(path),
+        "fs_size": st.f_blocks * st.f_frsize,
+        "fs_free": st.f_bfree * st.f_frsize,
+        "fs_avail": st.f_bavail * st.f_frsize,
+        "used": used,
+        "virtual": sum(v.size for v in volumes),
+        "origins": sum(1 for v in volumes if not v.is_snapshot),
+        "snapshots": sum(1 for v in volumes if v.is_snapshot),
+    }
+    out.update(overcommit_report(pool, st))
+    return out
+
+
+def fs_used_percent(st: os.statvfs_result) -> float:
+    """The filesystem's Use%, as df computes it (used / (used + avail))."""
     free = st.f_bavail * st.f_frsize
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return 100.0 * used / (used + free) if used + free else 0.0
+
+
+def overcommit_report(pool: Pool, st: os.statvfs_result) -> dict[str, Any]:
+    """What the pool's snapshots may still need of its filesystem, given
+    its statvfs `st` (part of `pool_space`).
+
+    fs: the filesystem's kind ("ext4", "xfs", "btrfs", "tmpfs", "other");
+    fs_used_percent: as df's Use%;
+    need: what the snapshots (and the origins' holes) may still take;
+    overcommit: how much `need` exceeds fs_avail by (0: everything fits);
+    overcommit_percent: need / fs_avail in percent (over 100: overcommitted);
+    overwrite_needs_space: an overwrite may need new space there (btrfs,
+      shared extents), so origin writes are not acknowledged early;
+    early_ack: the origins whose writes may be acknowledged before they
+      are applied;
+    given_up: snapshots given up for space since the mount;
+    snapshot_space: per snapshot "used_percent" (of its store), "need",
+      "reserve", "state".
+    """
+    free = st.f_bavail * st.f_frsize
     snaps: dict[str, dict] = {}
     need = 0
     for o in pool.origins():
@@ -186,15 +239,14 @@ def space_report(pool: Pool) -> dict:
                              "reserve": s.config.reserve, "state": s.state()}
     fs = pool.fs
     return {
-        "path": pool.path, "fs": fs.kind if fs else "unknown",
-        "size": size, "free": free, "used": used,
-        "used_percent": round(100.0 * used / (used + free), 2) if used + free else 0.0,
+        "fs": fs.kind if fs else "unknown",
+        "fs_used_percent": round(fs_used_percent(st), 2),
         "need": need, "overcommit": max(0, need - free),
         "overcommit_percent": round(100.0 * need / free, 1) if free else None,
         "overwrite_needs_space": fs.overwrite_needs_space if fs else None,
         "early_ack": sorted(o.name for o in pool.origins() if o.writeback.enabled),
         "given_up": sum(o.given_up for o in pool.origins()),
-        "snapshots": snaps,
+        "snapshot_space": snaps,
     }
 
 
@@ -304,9 +356,7 @@ class SpaceWatcher:
             st = os.statvfs(self.pool.path)
         except OSError:
             return
-        free = st.f_bavail * st.f_frsize
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        self._warn_fs(100.0 * used / (used + free) if used + free else 0.0, free)
+        self._warn_fs(fs_used_percent(st), st.f_bavail * st.f_frsize)
 
     def _warn_fs(self, percent: float, free: int) -> None:
         if self._fs_watch.update(percent):
@@ -316,8 +366,10 @@ class SpaceWatcher:
     async def check(self) -> None:
         pool = self.pool
         self.checks += 1
-        rep = space_report(pool)
-        self._warn_fs(rep["used_percent"], rep["free"])
+        st = os.statvfs(pool.path)
+        rep = overcommit_report(pool, st)
+        rep["free"] = st.f_bavail * st.f_frsize
+        self._warn_fs(rep["fs_used_percent"], rep["free"])
         over = rep["overcommit"] > 0
         if over and not self._overcommitted:
             log.warning("WARNING: pool %s is overcommitted: its snapshots and origins may still "

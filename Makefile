@@ -25,7 +25,7 @@ BASELINE ?=
 SCALE_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr e2fsprogs fio util-linux \
-                python3-venv gcc python3-dev systemd
+                python3-venv gcc python3-dev systemd xfsprogs btrfs-progs
 # A standard NBD server and client, to serve volumes beyond this machine (README).
 APT_PACKAGES += nbdkit libnbd-bin
 

@@ -5,7 +5,9 @@ which both dm-kcopyd and the persistent exception store sit: a `Region`
 (dm-io's ``struct dm_io_region``) is a byte range on an open file,
 `pwrite_all` writes a buffer whole, `copy_in_kernel` copies between files
 without Python buffers, and `discard_ranges` punches ranges out of a file
-(dm-io's discards).
+(dm-io's discards); `space` allocates, unshares and gives back byte
+ranges of a file (fallocate) and tells what kind of filesystem a pool
+lives on.
 
 The bottom layer: it imports nothing from `store`, `kcopyd` or `dmfs`.
 """
@@ -14,5 +16,6 @@ from .discard import discard_ranges as discard_ranges
 from .region import Region as Region
 from .rw import copy_in_kernel as copy_in_kernel
 from .rw import pwrite_all as pwrite_all
+from . import space as space
 
-__all__ = ["Region", "copy_in_kernel", "discard_ranges", "pwrite_all"]
+__all__ = ["Region", "copy_in_kernel", "discard_ranges", "pwrite_all", "space"]

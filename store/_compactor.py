@@ -86,17 +86,18 @@ class Compactor:
         self.seconds = 0.0
         self.locked_seconds = 0.0
 
-    async def at_open(self, runs: array) -> None:
+    async def at_open(self, runs: array, rewrite: bool = False) -> None:
         """Compact the log just replayed to the flat `runs`, if it is
-        wasteful and the store valid (an invalid store is never written
-        again: it can only be deleted).  A failure is logged; the old log
-        stays.
+        wasteful (or `rewrite`: a log made before logs were NOCOW on
+        btrfs, FORMAT.md "Space") and the store valid (an invalid store
+        is never written again: it can only be deleted).  A failure is
+        logged; the old log stays.
 
         Raises:
           DmError(EIO): as `compact`.
         """
         lf = self._logfile
-        if self._writable() and fmt.worth_compacting(lf.records, lf.run_count):
+        if self._writable() and (rewrite or fmt.worth_compacting(lf.records, lf.run_count)):
             try:
                 await self.compact(runs, end=lf.end, seq=lf.seq)
             except (OSError, fmt.FormatError) as e:
@@ -256,6 +257,7 @@ def _compact_file(io: FileIO, log_fd: int, log_path: str, tmp: str, hdr: fmt.Hea
                           frames=done[:fmt.unchanged_records(before, runs, max_runs=max_runs)])
     fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
+        io.set_nocow(fd)   # as a new store's log (_files.py)
         io.pwrite_all(fd, new.data, 0)
         io.fdatasync(fd)     # complete before its name can be the log
         io.rename(tmp, log_path)

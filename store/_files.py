@@ -118,6 +118,10 @@ def _create(io: FileIO, cow_path: str, log_path: str, cow_size: int,
             fds.append(io.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
             made.append(p)
         cow_fd, log_fd = fds
+        # The header slots are rewritten in place: on btrfs that needs
+        # new space unless the file is NOCOW, and an invalidation must be
+        # recorded even on a full filesystem (FORMAT.md "Space").
+        io.set_nocow(log_fd)
         io.ftruncate(cow_fd, cow_size)
         io.fsync(cow_fd)
         io.pwrite_all(log_fd, area.ljust(fmt.HEADER_AREA, b"\0"), 0)

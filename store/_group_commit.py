@@ -19,6 +19,8 @@ from ._compactor import Compactor
 from ._header_state import HeaderState
 from ._logfile import LogFile
 from ._merge_log import MergeLog
+from dmio.space import NOSPACE
+
 from .base import ExceptionRun
 from .chunks import coalesce
 from .errors import DmError, SnapshotInvalid
@@ -58,8 +60,12 @@ class GroupCommit:
       * a caller cancelled before its batch was taken withdraws its runs;
         a batch once taken is written to the end even if its leader is
         cancelled (a half-done commit helps nobody);
-      * a commit that could not be written leaves the log failed and the
-        store invalid: nothing is appended after a possibly torn write.
+      * a commit that could not be written leaves nothing behind the last
+        good record: what the append wrote is cut off again (truncate).
+        If the filesystem had no room, that is all: the store stays
+        valid and the callers get ENOSPC.  Otherwise, or if the cut
+        failed, the log is failed and the store invalid: nothing is
+        appended after a possibly torn write.
 
     Args:
       logfile, header, merge, compactor: the store's parts a commit
@@ -185,11 +191,40 @@ class GroupCommit:
             batch.error = SnapshotInvalid
 
     async def _failed(self, batch: _Batch, count: int, e: OSError) -> None:
-        """The batch of `count` runs could not be written: its callers fail,
-        and the store is invalid from here on (under the log's lock)."""
-        log.error("%s: commit of %d exceptions failed, invalidating: %s",
-                  self._name, count, e)
+        """The batch of `count` runs could not be written: its callers fail.
+
+        What the append may have written is cut off (the log ends at its
+        last good record again, so no torn tail is left behind, even
+        after a clean unmount).  Out of space, with the cut done, the
+        store stays valid: nothing was recorded, and the callers may try
+        again once there is room.  Any other error, or a cut that failed,
+        makes the store invalid from here on (under the log's lock)."""
         lf = self._logfile
+        io, log_fd, end = lf.io, lf.fd, lf.end
+
+        def cut() -> None:
+            if io.size(log_fd) != end:
+                io.ftruncate(log_fd, end)
+            try:
+                io.fdatasync(log_fd)
+            except OSError as e2:   # the size is right in memory; a crash cuts it at open
+                log.warning("%s: sync after cutting a failed append: %s", lf.path, e2)
+
+        try:
+            await trio.to_thread.run_sync(cut)
+            cut_error = None
+        except OSError as e2:
+            cut_error = e2
+        if cut_error is None and e.errno in NOSPACE:
+            log.warning("%s: no room to commit %d exceptions (%s); nothing recorded, "
+                        "the log is as before", self._name, count, e.strerror)
+            msg = f"no room to commit to {lf.path}: {e.strerror}"
+            errnum = e.errno
+            batch.error = lambda: DmError(errnum, msg)
+            return
+        log.error("%s: commit of %d exceptions failed, invalidating: %s%s",
+                  self._name, count, e,
+                  f" (and the failed append could not be cut off: {cut_error})" if cut_error else "")
         msg = f"commit to {lf.path} failed: {e}"
         batch.error = lambda: DmError(errno.EIO, msg)
         # Nothing may be appended after a possibly torn write; the

@@ -51,6 +51,17 @@ def write_header_slots(io: FileIO, log_fd: int, new: fmt.Header, slot: int) -> t
     return mirror, 1 - slot
 
 
+def _rewrite_slot(io: FileIO, log_fd: int, hdr: fmt.Header, slot: int) -> bool:
+    """Write `hdr` to `slot` and sync (worker thread); False if that failed (logged)."""
+    try:
+        io.pwrite_all(log_fd, fmt.encode_header(hdr), slot * fmt.SLOT_SIZE)
+        io.fdatasync(log_fd)
+        return True
+    except OSError as e:
+        log.error("header slot %s could not be rewritten: %s", "AB"[slot], e)
+        return False
+
+
 class HeaderState:
     """`valid`, `overflow`, `cow_size` and `type_name` of a store, in memory
     and in the header slots of its log.
@@ -82,6 +93,9 @@ class HeaderState:
         self._name = name
         self.durable = header
         self.slot = slot
+        # The slot not holding `durable` may hold something else than its
+        # mirror: an update's first write or its mirror failed half-way.
+        self.other_stale = False
         self.lock = trio.Lock()
         self.valid = header.valid
         self.overflow = header.overflow
@@ -116,15 +130,42 @@ class HeaderState:
             if new.replace(gen=self.durable.gen) == self.durable and before is None:
                 return   # already durable
             slot, log_fd, io = 1 - self.slot, lf.fd, lf.io
+            # what `slot` held before: the mirror of the current header
+            previous = self.durable.replace(gen=self.durable.gen - 1)
 
             def work() -> tuple[fmt.Header, int]:
                 if before is not None:
                     before()
-                return write_header_slots(io, log_fd, new, slot)
+                try:
+                    return write_header_slots(io, log_fd, new, slot)
+                except OSError:
+                    # The write may have torn `slot`: put its old content
+                    # back, so both slots agree again (no space is needed
+                    # to overwrite in place; if this fails too, `mend`
+                    # tries again at close).
+                    self.other_stale = not _rewrite_slot(io, log_fd, previous, slot)
+                    raise
 
             self.durable, self.slot = await trio.to_thread.run_sync(work)
+            # the mirror could not be written (logged): the other slot is stale
+            self.other_stale = self.durable is new
             for k, v in overrides.items():
                 setattr(self, k, v)
+
+    async def mend(self) -> None:
+        """Rewrite the slot not holding the current header if an update
+        left it stale or torn (`other_stale`): after a clean close both
+        slots agree.  A failure is logged."""
+        if not self.other_stale:
+            return
+        async with self.lock:
+            lf = self._logfile
+            if lf.closed or not self.other_stale:
+                return
+            slot, mirror = 1 - self.slot, self.durable.replace(gen=self.durable.gen - 1)
+            if await trio.to_thread.run_sync(_rewrite_slot, lf.io, lf.fd, mirror, slot):
+                self.other_stale = False
+                log.info("%s: header slot %s rewritten", lf.path, "AB"[slot])
 
     async def persist_quietly(self) -> None:
         """`persist`, logging a failure instead of raising it."""

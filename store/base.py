@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import os
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,6 +219,89 @@ class ExceptionStore(abc.ABC):
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every completed write to `cow_fd` durable (fdatasync)."""
+
+    # -- space on the filesystem under the store ----------------------------
+
+    @property
+    def invalid_recorded(self) -> bool:
+        """The store is invalid and will open as invalid after a crash
+        (a persistent store: its header says so; a transient one never
+        opens again)."""
+        return not self.valid
+
+    async def reserve_space(self, start: int = 0, end: int | None = None) -> None:
+        """Allocate bytes [start, end) of the COW file (to `cow_size`), so
+        that copies into them cannot fail for lack of space on the
+        filesystem (fallocate; the file stays sparse where it was not).
+
+        Raises:
+          DmError(ENOSPC): the filesystem has no room (nothing stays
+            allocated beyond what was before).
+          DmError(EOPNOTSUPP): the filesystem cannot allocate ahead.
+        """
+        import trio   # here: this module must stay light (store/__init__.py)
+
+        from dmio import space
+
+        end = self.cow_size if end is None else end
+        fd, path = self.cow_fd, self.cow_path
+
+        def work() -> None:
+            try:
+                space.fallocate(fd, space.FALLOC_FL_KEEP_SIZE, start, end - start)
+            except OSError:
+                # A failed fallocate may leave what it got allocated: give
+                # the new part back (KEEP_SIZE: nothing was visible there).
+                try:
+                    space.fallocate(fd, space.FALLOC_FL_PUNCH_HOLE | space.FALLOC_FL_KEEP_SIZE,
+                                    start, end - start)
+                except OSError:
+                    pass
+                raise
+
+        try:
+            await trio.to_thread.run_sync(work)
+        except OSError as e:
+            raise DmError(e.errno or errno.EIO, f"cannot reserve {end - start} bytes for "
+                          f"{path}: {e.strerror}") from None
+
+    async def release_space(self) -> int:
+        """Give the COW file's space back to the filesystem: an invalid
+        store's data is never read again.  The file keeps its size (sparse).
+
+        Call only once `invalid_recorded` and no copy into the store is
+        in flight.
+
+        Returns:
+          the bytes the file held before.
+
+        Raises:
+          DmError(EINVAL): the store is still valid (or not durably invalid).
+          DmError(errno): truncating failed.
+        """
+        import trio
+
+        if not self.invalid_recorded:
+            raise DmError(errno.EINVAL, f"{self.cow_path}: only an invalid store gives its space back")
+        fd, size = self.cow_fd, self.cow_size
+
+        def work() -> int:
+            held = os.fstat(fd).st_blocks * 512
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            return held
+
+        try:
+            return await trio.to_thread.run_sync(work)
+        except OSError as e:
+            raise DmError(e.errno or errno.EIO, f"cannot free {self.cow_path}: {e.strerror}") from None
+
+    def allocated_bytes(self) -> int:
+        """Bytes the COW file holds on the filesystem now (st_blocks)."""
+        try:
+            return os.fstat(self.cow_fd).st_blocks * 512
+        except OSError:
+            return 0
 
     # -- reporting -------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from dmio import pwrite_all
+from dmio.space import set_nocow as _set_nocow
 
 
 class FileIO:
@@ -27,7 +28,9 @@ class FileIO:
       pread(fd, n, offset) -> bytes, pwrite(fd, data, offset) -> n,
       fdatasync(fd), fsync(fd), ftruncate(fd, size), unlink(path),
       rename(src, dst), size(fd) -> st_size,
-      fsync_dir(path): fsync the directory holding path.
+      fsync_dir(path): fsync the directory holding path,
+      set_nocow(fd) -> bool: ask a copy-on-write filesystem (btrfs) to
+        overwrite the (empty) file in place (`dmio.space.set_nocow`).
     """
 
     open = staticmethod(os.open)
@@ -39,6 +42,7 @@ class FileIO:
     ftruncate = staticmethod(os.ftruncate)
     unlink = staticmethod(os.unlink)
     rename = staticmethod(os.rename)
+    set_nocow = staticmethod(_set_nocow)
 
     @staticmethod
     def size(fd: int) -> int:

@@ -46,6 +46,8 @@ from typing import Callable
 
 import trio
 
+from dmio import space
+
 from . import format as fmt
 from ._compactor import Compactor
 from ._files import LOG_COMPACT_SUFFIX as LOG_COMPACT_SUFFIX
@@ -64,6 +66,14 @@ from .renames import rename_files
 from .types import PERSISTENT_TYPES
 
 log = logging.getLogger(__name__)
+
+
+def _cow_log(path: str, fd: int) -> bool:
+    """A log on btrfs that is not NOCOW (made before logs were): its
+    header cannot be rewritten on a full filesystem, so it is rewritten
+    once into a NOCOW file (FORMAT.md "Space")."""
+    return space.fs_magic(os.path.dirname(path) or ".") == space.BTRFS_MAGIC \
+        and not space.is_nocow(fd)
 
 
 def _kept(path: str) -> property:
@@ -138,6 +148,7 @@ class PersistentStore(ExceptionStore):
         self._group = GroupCommit(self._logfile, self._header, self._merge, self._compactor,
                                   cow_fd, base_path)
         self._opened: array | None = array("q")   # until the core takes them
+        self._opened_invalid = False   # the log's state records said invalid at open
         self._alloc = persistent_allocator(hdr.chunk_size)
         self._closing = False   # close() started: no new work accepted
 
@@ -232,12 +243,14 @@ class PersistentStore(ExceptionStore):
         self._opened = st.by_old
         self._alloc = st.alloc
         self.valid, self.overflow, self.cow_size = st.valid, st.overflow, st.cow_size
+        self._opened_invalid = not st.valid
         try:
             await trio.to_thread.run_sync(repair, self._io, self.log_fd, self._logfile.end,
                                           self.cow_fd, self.cow_size)
         except OSError as e:
             raise DmError(errno.EIO, f"cannot repair {self.log_path}: {e}") from None
-        await self._compactor.at_open(st.runs)
+        await self._compactor.at_open(st.runs, rewrite=self._io is OS_IO and _cow_log(self.log_path,
+                                                                                   self.log_fd))
 
     def exceptions(self) -> array:
         """Hand over the exceptions the log held at open (see
@@ -262,6 +275,8 @@ class PersistentStore(ExceptionStore):
         self._closing = True
         await self._compactor.stop()
         await self._group.drain()
+        # a header update that failed half-way left one slot stale or torn
+        await self._header.mend()
         # header writes and log appends hold these locks: none may see its
         # fd closed under it
         async with self._logfile.lock, self._header.lock:
@@ -308,6 +323,10 @@ class PersistentStore(ExceptionStore):
 
         Raises:
           SnapshotInvalid (EIO): the store is (or became) invalid.
+          DmError(ENOSPC or EDQUOT): the filesystem had no room; nothing of
+            the commit is recorded and the log is as before (what a failed
+            append wrote was cut off), so the store stays valid: the
+            caller may copy the data again and retry, or abort the runs.
           DmError(EIO): the commit failed; the store is now invalid.
           ValueError: a run was not handed out by prepare_exception.
         """
@@ -370,6 +389,11 @@ class PersistentStore(ExceptionStore):
         that invalidated the snapshot go on.
         """
         await self._header.drop()
+
+    @property
+    def invalid_recorded(self) -> bool:
+        """Invalid, and so on disk: a crash now brings the store back invalid."""
+        return not self.valid and (not self._header.durable.valid or self._opened_invalid)
 
     async def set_overflow(self) -> None:
         """Set overflow in memory at once, then in the header (best effort)."""

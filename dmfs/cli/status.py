@@ -270,6 +270,22 @@ def pool_line(space: dict, units: str = "h", suffix: bool = True) -> str:
             f"({s('virtual')} of volumes); its file system has {s('fs_avail')} free of {s('fs_size')}")
 
 
+def overcommit_line(space: dict, units: str = "h", suffix: bool = True) -> str:
+    """One line about what the pool's snapshots may still need of its file
+    system (the overcommit) and what was given up for space; "" from a
+    daemon that does not report it."""
+    if "need" not in space:
+        return ""
+    s = lambda k: fmt_size(space.get(k), units, suffix)  # noqa: E731
+    line = (f"  pool {space.get('fs', '?')} file system {space.get('fs_used_percent', 0):.1f}% full; "
+            f"its snapshots and sparse origins may still need {s('need')}")
+    over = space.get("overcommit") or 0
+    line += f": overcommitted by {s('overcommit')}" if over else ", which fits"
+    if space.get("given_up"):
+        line += f"; {space['given_up']} snapshot(s) given up for space since the mount"
+    return line
+
+
 def json_report(rows: list[dict], fields: list[str], space: dict, vg: str,
                 units: str, suffix: bool) -> dict:
     """``lvs --reportformat json``'s shape, plus the pool as the report's vg."""
@@ -307,6 +323,9 @@ def run(args) -> int:
                 if r["reason"]:
                     print(f"  {r['lv_name']}: {r['lv_health_status']}: {r['reason']}")
         line = pool_line(space, units, suffix)
+        if line:
+            print(line)
+        line = overcommit_line(space, units, suffix)
         if line:
             print(line)
     return 0

@@ -16,6 +16,7 @@ from .device import run_io as run_io
 from .events import Event as Event
 from .events import EventHandler as EventHandler
 from .events import MergeFinished as MergeFinished
+from .events import SnapshotGivenUp as SnapshotGivenUp
 from .events import SnapshotInvalidated as SnapshotInvalidated
 from .events import TunablesChanged as TunablesChanged
 from .merge import Merge as Merge

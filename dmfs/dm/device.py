@@ -124,7 +124,7 @@ class MappedDevice:
                 await self._drained.wait()
             await self._table.postsuspend()
             if flush:
-                await self._table.flush()
+                await self._table.flush_for_suspend()
         except BaseException:
             self.resume()
             raise

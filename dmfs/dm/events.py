@@ -5,7 +5,7 @@ A kernel target never calls LVM: it raises a table event
 to do.  The core does the same here.  What it cannot decide alone — that
 a snapshot's invalid flag must also be saved in the pool's metadata, that
 a finished merge leaves the origin with a plain table, that a changed
-tunable must be saved — it reports to the handler its owner gave the
+tunable must be saved, that a snapshot was given up for space — it reports to the handler its owner gave the
 origin, and waits for it where the order matters (an invalidation is
 durable before the origin write that caused it goes on).
 """
@@ -33,6 +33,17 @@ class SnapshotInvalidated:
 
 
 @dataclass(frozen=True)
+class SnapshotGivenUp:
+    """`snapshot` was given up for space (origin.py, "Out of space"): it is
+    invalid, durably, and its store's COW file gave `freed` bytes back to
+    the filesystem (0 if its invalidation could not be recorded, so its
+    data had to stay).  `needed_by` says which write found no room."""
+    snapshot: Snapshot
+    freed: int
+    needed_by: str
+
+
+@dataclass(frozen=True)
 class MergeFinished:
     """`merge` copied every exception back: the snapshot can go."""
     merge: Merge
@@ -44,7 +55,7 @@ class TunablesChanged:
     origin: Origin
 
 
-Event = SnapshotInvalidated | MergeFinished | TunablesChanged
+Event = SnapshotInvalidated | SnapshotGivenUp | MergeFinished | TunablesChanged
 EventHandler = Callable[[Event], Awaitable[None]]
 
 

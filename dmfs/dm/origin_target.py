@@ -7,7 +7,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from dmio import pwrite_all
+from dmio.space import NOSPACE
+
 from ..errors import DmError
+from .device import run_io
 from .request import Flags, Op, Request
 from .target import Target
 
@@ -31,12 +35,37 @@ class OriginTarget(Target):
         await self.origin.writeback.drain()
 
     async def flush(self) -> None:
+        """A flush request (fsync): also reports an acknowledged write that
+        failed since the last one, as a disk's failed cache flush does."""
         wb = self.origin.writeback
-        await wb.drain()
-        await trio.to_thread.run_sync(os.fdatasync, self.origin.fd)
+        await self.flush_for_suspend()
         err = wb.take_error()
         if err is not None:
             raise DmError(err, f"an acknowledged write to {self.origin.filename} failed")
+
+    async def flush_for_suspend(self) -> None:
+        # The deferred error stays for the next fsync: a suspend (taking a
+        # snapshot, unmounting) is nobody's flush to fail.
+        await self.origin.writeback.drain()
+        await trio.to_thread.run_sync(os.fdatasync, self.origin.fd)
+
+    async def end_io(self, req: Request) -> None:
+        """A write that found no room on the filesystem: give up a snapshot
+        and write again, for as long as one can be given up (origin.py,
+        "Out of space"); then the write fails with ENOSPC."""
+        if req.op is not Op.WRITE or req.error not in NOSPACE:
+            return
+        o = self.origin
+        while await o.make_room(f"a write to {o.filename}"):
+            try:
+                await run_io(pwrite_all, o.fd, req.buf, req.offset, size=req.length)
+            except OSError as e:
+                if e.errno in NOSPACE:
+                    continue
+                req.error = e.errno
+                return
+            req.retried()
+            return
 
     async def map(self, req: Request) -> list[Request]:
         o = self.origin
@@ -47,7 +76,8 @@ class OriginTarget(Target):
             waits = o.start_cow(req.offset, req.end)
             await o.wait_invalidations()
             deps = wb.ordered_before(req.offset, req.end)
-            if (waits or deps) and wb.enabled and not req.flags & Flags.FUA:
+            if (waits or deps) and wb.enabled and not req.flags & Flags.FUA \
+                    and wb.reserve(req.offset, req.length):
                 # Acknowledge now, apply once the copy-outs are committed.
                 data = req.buf if req.buf.readonly else bytes(req.buf)
                 await wb.add(req.offset, data, waits)

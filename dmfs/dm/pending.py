@@ -28,15 +28,22 @@ class PendingException:
         moved to the completed table (or failed: `error` set).
     """
 
-    __slots__ = ("snapshot", "old", "new", "count", "full", "done", "error")
+    __slots__ = ("snapshot", "old", "new", "count", "full", "writer", "epoch", "done", "error")
 
-    def __init__(self, snapshot: Snapshot, old: int, new: int, count: int, full: bool = False):
+    def __init__(self, snapshot: Snapshot, old: int, new: int, count: int, full: bool = False,
+                 writer: bool = False):
         self.snapshot = snapshot
         self.old = old
         self.new = new
         self.count = count
         # A full-chunk snapshot write fills the COW chunks itself: no copy.
         self.full = full
+        # Made for a write to the snapshot itself (not an origin write): if
+        # the filesystem has no room, that write fails with ENOSPC and the
+        # snapshot stays valid; an origin write's copy is tried again.
+        self.writer = writer or full
+        # The origin's space_epoch when the copy started (origin.py).
+        self.epoch = 0
         self.done = trio.Event()
         self.error: int | None = None
 

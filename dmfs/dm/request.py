@@ -167,6 +167,12 @@ class Request:
             self.done_bytes = self.length
         self._finish()
 
+    def retried(self) -> None:
+        """The target's end_io did this request's I/O again, successfully
+        (dm's DM_ENDIO_REQUEUE, done in place): the error goes."""
+        self.error = None
+        self.done_bytes = self.length
+
     def _finish(self) -> None:
         self._completed = True
         if self.buf is None and self._clones and self.error is None and self.op is Op.READ:

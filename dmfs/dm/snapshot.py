@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from dmio import discard_ranges
+from dmio.space import NOSPACE
 from store import ExceptionRun, ExceptionStore, StoreType
 
 from ..errors import DmError, StoreFull
@@ -41,14 +42,29 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+# lvm.conf's snapshot_autoextend_threshold: 100 turns autoextend off.
+AUTOEXTEND_OFF = 100
+
+
 @dataclass
 class SnapshotConfig:
-    """What the pool persists about a snapshot besides its store."""
+    """What the pool persists about a snapshot besides its store.
+
+    reserve: the whole COW store was allocated at creation (fallocate), so
+      its copies never need new space: the snapshot is never given up for
+      lack of space (origin.py, "Out of space").
+    autoextend_threshold, autoextend_percent: lvm.conf's
+      snapshot_autoextend_*: grow cow_size by this percentage once the
+      store is this full (100: never).  The pool acts on them.
+    """
     store: StoreType = StoreType.P
     readonly: bool = False
     discard_zeroes_cow: bool = False
     discard_passdown_origin: bool = False
     created: float = field(default_factory=time.time)
+    reserve: bool = False
+    autoextend_threshold: int = AUTOEXTEND_OFF
+    autoextend_percent: int = 20
 
 
 class Snapshot(Volume):
@@ -85,6 +101,10 @@ class Snapshot(Volume):
         # that needed this snapshot wait for it before their chunk changes.
         self.invalid_durable = trio.Event()
         self.invalid_durable.set()
+        # Once invalid_durable is set: whether anything on disk says so
+        # (the store's header, the owner's metadata, or the store's log
+        # deleted), so that its COW space may be given back.
+        self.invalid_on_disk = not self.valid
         if store is not None:
             self.chunk_size = store.chunk_size
             self.exceptions = ExceptionTable.from_sorted(store.exceptions())
@@ -140,14 +160,41 @@ class Snapshot(Volume):
         except Exception as e:  # the in-memory state is already invalid
             log.error("snapshot %s: could not persist the invalid flag in its store: %s", self.name, e)
         try:
-            await self.origin.raise_event(SnapshotInvalidated(self, self.invalid_reason))
+            saved = await self.origin.raise_event(SnapshotInvalidated(self, self.invalid_reason))
+            self.invalid_on_disk = saved or self.store.invalid_recorded or await self._forget_store()
         finally:
             self.invalid_durable.set()
 
+    async def _forget_store(self) -> bool:
+        """Neither the store's header nor the owner's metadata took the
+        invalid flag (a failing disk; on a full filesystem a header is
+        rewritten in place and needs no room): delete the store's log,
+        which takes no room either.  A snapshot whose store is missing
+        opens as Invalid, so a crash cannot bring it back as valid."""
+        path = getattr(self.store, "log_path", None)
+        if path is None:
+            return False
+        try:
+            await trio.to_thread.run_sync(os.unlink, path)
+            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            log.error("snapshot %s: could not record its invalidation anywhere, and could not "
+                      "delete %s: %s; after a crash it may come back valid", self.name, path, e)
+            return False
+        log.error("snapshot %s: its invalidation could be recorded neither in its store nor in "
+                  "the pool: deleted %s instead (it stays listed as Invalid)", self.name, path)
+        return True
+
     # -- pending exceptions ----------------------------------------------------
 
-    def new_pending(self, old: int, count: int, full: bool = False) -> list[PendingException]:
-        """Allocate COW chunks for [old, old+count) as pending exceptions.
+    def new_pending(self, old: int, count: int, full: bool = False,
+                    writer: bool = False) -> list[PendingException]:
+        """Allocate COW chunks for [old, old+count) as pending exceptions
+        (`writer`: for a write to this snapshot, see PendingException).
 
         Raises:
           StoreFull: the store could not give even one chunk.
@@ -161,28 +208,42 @@ class Snapshot(Volume):
                     self.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
                     self.pending.discard(pe)
                 raise
-            pe = PendingException(self, old, run.new, run.count, full)
+            pe = PendingException(self, old, run.new, run.count, full, writer)
             self.pending.add(pe)
             out.append(pe)
             old += run.count
             count -= run.count
         return out
 
-    async def complete_pending(self, pes: list[PendingException], error: int | None) -> None:
+    async def complete_pending(self, pes: list[PendingException],
+                               error: int | None) -> list[PendingException]:
         """Commit (or fail) pending exceptions whose COW data is in place.
 
         This is dm's complete_exception -> commit_exception ->
         pending_complete: the record is durable before the exception enters
         the completed table, and reads of the origin chunk still in flight
         drain before waiters (the held origin writes) are released.
+
+        Out of space (ENOSPC, EDQUOT: from the copy, the snapshot write
+        or the commit) the snapshot is not invalidated for a write to
+        the snapshot itself: its chunks go back and the writer gets
+        ENOSPC.  The origin's copies that could not be committed for
+        lack of space are returned, still pending: the origin copies
+        them again once there is room (origin.py, "Out of space").
         """
+        retry: list[PendingException] = []
         if error is None and self.valid:
             try:
                 await self.store.commit_exceptions([ExceptionRun(pe.old, pe.new, pe.count) for pe in pes])
             except DmError as e:
                 error = e.errno
-                self.invalidate(f"exception store commit failed: {e}")
-        elif error is not None:
+                if e.errno in NOSPACE and self.valid:
+                    # Nothing was recorded and the store is still valid.
+                    retry = [pe for pe in pes if not pe.writer]
+                    pes = [pe for pe in pes if pe.writer]
+                else:
+                    self.invalidate(f"exception store commit failed: {e}")
+        elif error is not None and not (error in NOSPACE and all(pe.writer for pe in pes)):
             self.invalidate(f"copy to the exception store failed: {os.strerror(error)}")
         if error is None and self.valid:
             for pe in pes:
@@ -197,11 +258,16 @@ class Snapshot(Volume):
             # origin writes are retried: the chunk must not change while a
             # crash could still bring this snapshot back as valid.
             await self.invalid_durable.wait()
+        elif error is not None:
+            # A snapshot write that found no room: its chunks go back.
+            for pe in pes:
+                self.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
         for pe in pes:
             self.pending.discard(pe)
             pe.error = error
             pe.done.set()
         self.origin.cow_progressed()
+        return retry
 
     # -- discard (dm-snap.c's discard_zeroes_cow, discard_passdown_origin) --------
 

@@ -13,6 +13,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING
 
+from dmio.space import NOSPACE
 from store.base import ExceptionRun
 
 from ..errors import DmError, SnapshotInvalid, StoreFull
@@ -123,11 +124,15 @@ class SnapshotTarget(Target):
                 await pe.wait()
             if not s.valid:
                 raise SnapshotInvalid(f"{s.filename} became invalid")
+            if any(pe.writer and pe.error in NOSPACE for pe in waits):
+                # A write to a snapshot gives up nothing for room (origin.py).
+                raise DmError(errno.ENOSPC, f"{s.filename}: no room on the pool's filesystem "
+                              "to copy the chunk this write changes")
         # Everything not yet copied is now free and fully overwritten.
         full: list[PendingException] = []
         for gap, n in s.exceptions.missing(c0, c1 - c0):
             try:
-                full.extend(s.new_pending(gap, n, full=True))
+                full.extend(s.new_pending(gap, n, full=True, writer=True))
             except StoreFull:
                 for pe in full:
                     s.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
@@ -156,7 +161,7 @@ class SnapshotTarget(Target):
         """A partial write to an uncopied chunk: copy the origin chunk first."""
         s = self.snap
         try:
-            pes = s.new_pending(chunk, 1)
+            pes = s.new_pending(chunk, 1, writer=True)
         except StoreFull:
             # Waiting on nothing; _map_write retries and _store_full decides.
             s.origin.nursery.start_soon(self._store_full_bg)
@@ -190,5 +195,10 @@ class SnapshotTarget(Target):
         full = req.target_ctx
         if full:
             await s.complete_pending(full, req.error)
+            if req.error is None:
+                # The data is in the COW file, but its record is not
+                # (no room: ENOSPC, the chunks went back; or the store
+                # failed and the snapshot is invalid): the write failed.
+                req.error = next((pe.error for pe in full if pe.error is not None), None)
 
 

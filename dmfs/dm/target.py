@@ -35,6 +35,11 @@ class Target(abc.ABC):
     async def flush(self) -> None:
         """Make everything acknowledged so far durable (REQ_PREFLUSH)."""
 
+    async def flush_for_suspend(self) -> None:
+        """The flush of a suspend: `flush`, unless the target keeps errors
+        for the next flush request (the origin's write-back cache)."""
+        await self.flush()
+
     async def presuspend(self) -> None:
         """Called when the device stops admitting requests."""
 

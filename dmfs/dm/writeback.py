@@ -20,10 +20,23 @@ waits behind it.  So the origin always reads what was last acknowledged,
 and after a crash a page holds a prefix of the writes acknowledged to it,
 as a page of a 4Kn disk would: two writes to different sectors of one page
 never land in the other order.
+
+Space: nothing is acknowledged that cannot be stored.  Where an overwrite
+never needs new space (a block device) the cache holds writes freely
+(`SpacePolicy.FREE`); on a filesystem that allocates in place (ext4, XFS
+without shared extents) the range is allocated in the origin file first
+(fallocate: a sparse origin's holes need space), and a write whose range
+cannot be allocated is not acknowledged early (`RESERVE`); where an
+overwrite itself needs new space (btrfs, extents shared by reflink
+copies) nothing is acknowledged early (`NEVER`).  If applying a held
+write still finds no room, the origin gives up a snapshot and the write
+is applied again (`make_room`); only when none is left is the error
+kept for the next flush.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 from collections.abc import Awaitable, Callable
@@ -31,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dmio import pwrite_all
+from dmio import pwrite_all, space
 
 from .device import run_io
 
@@ -50,6 +63,14 @@ REGION_SHIFT = 20
 PAGE_SHIFT = 12
 
 
+class SpacePolicy(enum.Enum):
+    """When the cache may acknowledge a write before it is applied (see
+    the module's docstring)."""
+    FREE = "free"          # an overwrite never needs new space
+    RESERVE = "reserve"    # allocate the range first (fallocate)
+    NEVER = "never"        # overwrites need new space: never early
+
+
 class _Entry:
     __slots__ = ("start", "end", "data", "deps", "waits", "applied")
 
@@ -63,7 +84,13 @@ class _Entry:
 
 
 def _apply_all(fd: int, entries: list[_Entry]) -> list[OSError | None]:
-    """Write entries to the origin in order; one error (or None) per entry."""
+    """Write entries to the origin in order; one error (or None) per entry.
+
+    Stops after the first that found no room: the list is then shorter,
+    and the entries after it were not tried (room may be made for them,
+    and a later overlapping entry must not be overwritten by an earlier
+    one applied again).
+    """
     out: list[OSError | None] = []
     for e in entries:
         try:
@@ -71,6 +98,8 @@ def _apply_all(fd: int, entries: list[_Entry]) -> list[OSError | None]:
             out.append(None)
         except OSError as err:
             out.append(err)
+            if err.errno in space.NOSPACE:
+                break
     return out
 
 
@@ -91,7 +120,9 @@ class WritebackCache:
     def __init__(self, name: str, fd: int, nursery: trio.Nursery, *,
                  recheck: Callable[[int, int], list[PendingException]],
                  before_apply: Callable[[], Awaitable[None]],
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES):
+                 make_room: Callable[[str], Awaitable[bool]] | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 space_policy: SpacePolicy = SpacePolicy.RESERVE):
         """
         Args:
           name: the origin's file name, for log lines.
@@ -101,12 +132,21 @@ class WritebackCache:
             [start, end) must still wait for, once one of its copies failed.
           before_apply: `Origin.wait_invalidations`: every invalidation is
             durable before a held write reaches the origin.
+          make_room: `Origin.make_room`: give up a snapshot when a held
+            write finds no room; False when none is left.
+          space_policy: when a write may be acknowledged early (the owner
+            sets it for the filesystem under the origin).
         """
         self.name = name
         self.fd = fd
         self.nursery = nursery
         self._recheck = recheck
         self._before_apply = before_apply
+        self._make_room = make_room
+        self.space_policy = space_policy
+        # Writes not acknowledged early because their range could not be
+        # allocated (RESERVE), since the cache was made.
+        self.not_reserved = 0
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.nbytes = 0
@@ -120,7 +160,29 @@ class WritebackCache:
 
     @property
     def enabled(self) -> bool:
-        return self.max_bytes > 0
+        return self.max_bytes > 0 and self.space_policy is not SpacePolicy.NEVER
+
+    def reserve(self, start: int, length: int) -> bool:
+        """Whether a write to [start, start+length) may be acknowledged
+        before it is applied: under `RESERVE`, its range is allocated in
+        the origin file first (fallocate; quick where it is allocated
+        already).  False: the caller applies the write before answering.
+        """
+        if self.space_policy is SpacePolicy.FREE:
+            return True
+        if self.space_policy is SpacePolicy.NEVER:
+            return False
+        try:
+            space.fallocate(self.fd, space.FALLOC_FL_KEEP_SIZE, start, length)
+            return True
+        except OSError as e:
+            if e.errno not in space.NOSPACE:
+                # This filesystem cannot allocate ahead: nothing is early.
+                log.warning("%s: cannot allocate ahead (%s): writes are acknowledged "
+                            "only once applied", self.name, e.strerror)
+                self.space_policy = SpacePolicy.NEVER
+            self.not_reserved += 1
+            return False
 
     def overlapping(self, start: int, end: int) -> list[_Entry]:
         """Entries not yet applied that overlap [start, end), oldest first."""
@@ -216,7 +278,13 @@ class WritebackCache:
                 except Exception:  # a bug must not hang the writers behind these
                     log.exception("%s: applying %d cached writes failed", self.name, len(ready))
                     errors = [OSError(errno.EIO, "internal error")] * len(ready)
+                room = False
                 for e, err in zip(ready, errors):
+                    if err is not None and err.errno in space.NOSPACE and self._make_room is not None:
+                        # Give up a snapshot and apply it (and those after it) again.
+                        room = await self._make_room(f"a held write to {self.name}")
+                        if room:
+                            break
                     if err is not None:
                         log.error("%s: cached write of %d bytes at %d failed: %s",
                                   self.name, e.end - e.start, e.start, err)

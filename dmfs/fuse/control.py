@@ -113,7 +113,8 @@ def parse_size(value: bytes | str) -> int:
 
 def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
     """Parse ``'SNAP [chunk_size=..] [cow_size=..] [store=P|PO|N] [discard_zeroes_cow]
-    [discard_passdown_origin]'``.
+    [discard_passdown_origin] [reserve] [autoextend_threshold=50..100]
+    [autoextend_percent=1..]'``.
 
     Raises:
       DmError(EINVAL): with a message naming the offending part.
@@ -129,12 +130,12 @@ def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
         if key in seen:
             raise DmError(errno.EINVAL, f"user.dmfs.snapshot: option {key!r} given twice")
         seen.add(key)
-        if key in ("discard_zeroes_cow", "discard_passdown_origin"):
+        if key in ("discard_zeroes_cow", "discard_passdown_origin", "reserve"):
             if eq:
                 raise DmError(errno.EINVAL, f"user.dmfs.snapshot: {key} takes no value")
             setattr(spec, key, True)
             continue
-        if key not in ("chunk_size", "cow_size", "store"):
+        if key not in ("chunk_size", "cow_size", "store", "autoextend_threshold", "autoextend_percent"):
             raise DmError(errno.EINVAL, f"user.dmfs.snapshot: unknown option {key!r}")
         if not eq or not val:
             raise DmError(errno.EINVAL, f"user.dmfs.snapshot: {key} needs a value ({key}=...)")
@@ -144,6 +145,13 @@ def parse_snapshot_spec(value: bytes | str) -> SnapshotSpec:
                 raise DmError(errno.EINVAL, f"user.dmfs.snapshot: chunk_size={val} is not "
                               "a power of two between 512 and 1G")
             spec.chunk_size = n
+        elif key == "autoextend_threshold":
+            # lvm.conf: 50 at least, 100 turns autoextend off
+            spec.autoextend_threshold = _parse_int(val.encode(), b"user.dmfs.snapshot: "
+                                                   b"autoextend_threshold", 50, 100)
+        elif key == "autoextend_percent":
+            spec.autoextend_percent = _parse_int(val.encode(), b"user.dmfs.snapshot: "
+                                                 b"autoextend_percent", 1, 1000)
         elif key == "cow_size":
             n = parse_size(val)
             if n <= 0:
@@ -220,7 +228,11 @@ def get_xattr(pool, volume, name: bytes) -> bytes:
     if name == XA_TABLE:
         return _ascii(volume.table())
     if name == XA_INFO:
-        return json.dumps(volume.info(), sort_keys=True).encode("ascii")
+        info = volume.info()
+        space_info = getattr(pool, "space_info", None)
+        if space_info is not None:
+            info.update(space_info(volume))
+        return json.dumps(info, sort_keys=True).encode("ascii")
     if volume.is_snapshot:
         if name == XA_CHUNK_SIZE:
             return _ascii(volume.chunk_size)
@@ -305,7 +317,8 @@ def list_root_xattrs() -> list[bytes]:
 
 
 def get_root_xattr(pool, name: bytes) -> bytes:
-    """Attributes of the mount root: the daemon's pid and the pool path.
+    """Attributes of the mount root: the daemon's pid, the pool path, and
+    the pool's space as JSON (`Pool.space_report`).
 
     `dmfs umount` reads ``user.dmfs.pid`` to wait for the daemon to exit.
     """

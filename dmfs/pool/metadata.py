@@ -13,9 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmio import pwrite_all
 from store import StoreType
 
 from ..dm import Origin, OriginTunables, SnapshotConfig
+from ..dm.snapshot import AUTOEXTEND_OFF
 
 POOL_FORMAT = 1
 
@@ -25,10 +27,18 @@ def write_json_atomic(path: str, data: dict) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            pwrite_all(fd, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n", 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        # A full filesystem: leave no half-written temporary file behind.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     os.rename(tmp, path)
     dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
@@ -70,7 +80,10 @@ class OriginMeta:
             cfg = SnapshotConfig(store=StoreType.parse(sm["store"]), readonly=sm.get("readonly", False),
                                  discard_zeroes_cow=sm.get("discard_zeroes_cow", False),
                                  discard_passdown_origin=sm.get("discard_passdown_origin", False),
-                                 created=sm.get("created", 0.0))
+                                 created=sm.get("created", 0.0),
+                                 reserve=sm.get("reserve", False),
+                                 autoextend_threshold=sm.get("autoextend_threshold", AUTOEXTEND_OFF),
+                                 autoextend_percent=sm.get("autoextend_percent", 20))
             snaps[name] = SnapshotMeta(sm["size"], sm.get("chunk_size", 0), cfg, sm.get("invalid"))
         return cls(size=d["size"], backing=d.get("backing"),
                    tunables=OriginTunables(copy_throttle=d.get("copy_throttle", 100),
@@ -106,6 +119,9 @@ class OriginMeta:
                     "discard_passdown_origin": sm.config.discard_passdown_origin,
                     "created": sm.config.created,
                     "invalid": sm.invalid,
+                    "reserve": sm.config.reserve,
+                    "autoextend_threshold": sm.config.autoextend_threshold,
+                    "autoextend_percent": sm.config.autoextend_percent,
                 } for name, sm in self.snapshots.items()
             },
         }

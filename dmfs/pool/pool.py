@@ -14,6 +14,8 @@ crash.
 
 The core never calls the pool: the pool subscribes to each origin's
 events (`_on_event`) and acts on them, as LVM acts on dm's table events.
+The pool's space (space.py) is watched by a periodic task, as dmeventd
+watches snapshots.
 """
 
 from __future__ import annotations
@@ -28,14 +30,20 @@ import trio
 
 from store import SECTOR, open_store, remove_store
 
-from ..dm import Event, MergeFinished, Origin, Snapshot, SnapshotInvalidated, TunablesChanged, Volume
+from ..dm import (Event, MergeFinished, Origin, Snapshot, SnapshotGivenUp, SnapshotInvalidated,
+                  TunablesChanged, Volume)
 from ..errors import DmError
 from . import merge, snapshots
 from .metadata import POOL_FORMAT, OriginMeta, read_json, write_json_atomic
 from .names import check_name
 from .snapshots import SnapshotSpec
+from .space import PoolFs, SpaceWatcher, snapshot_need, writeback_policy
 
 log = logging.getLogger(__name__)
+
+
+def origin_meta(name: str) -> str:
+    return f"{name}.json"
 
 
 def _device_size(fd: int) -> int:
@@ -61,6 +69,11 @@ class Pool:
         self.lock_path = os.path.join(path, "lock")
         self._origins: dict[str, Origin] = {}
         self._meta_locks: dict[str, trio.Lock] = {}
+        # Origins whose metadata could not be saved (a full filesystem):
+        # saved again by the space watcher and after a snapshot is given up.
+        self._dirty: set[str] = set()
+        self.fs: PoolFs | None = None
+        self.space_watch = SpaceWatcher(self)
         self.closed = False
         # What opening the pool repaired or resumed, one phrase each.
         self.recovered: list[str] = []
@@ -106,12 +119,17 @@ class Pool:
             done = await trio.to_thread.run_sync(finish_pending, path)
             if done:
                 pool.recovered.append(done)
+            pool.fs = await trio.to_thread.run_sync(PoolFs.detect, path)
+            log.info("pool %s is on %s%s", path, pool.fs.kind,
+                     "; an overwrite may need new space there, so origin writes are "
+                     "acknowledged only once applied" if pool.fs.overwrite_needs_space else "")
             for fn in sorted(os.listdir(path)):
                 if fn.endswith(".json") and fn != "pool.json":
                     await pool._load_origin(fn[:-5])
         except BaseException:
             await pool.close()
             raise
+        nursery.start_soon(pool.space_watch.run)
         pool._report_recovery(previous)
         return pool
 
@@ -142,7 +160,10 @@ class Pool:
         os.pwrite(self.lock_fd, f"pid {os.getpid()} mounted at {mountpoint}\n".encode(), 0)
 
     def _new_origin(self, name: str, path: str, fd: int, size: int, backing: str | None) -> Origin:
-        return Origin(name, path, fd, size, backing=backing, nursery=self.nursery, events=self._on_event)
+        origin = Origin(name, path, fd, size, backing=backing, nursery=self.nursery, events=self._on_event)
+        if self.fs is not None:
+            origin.writeback.space_policy = writeback_policy(self.fs, origin)
+        return origin
 
     async def _load_origin(self, name: str) -> None:
         meta = OriginMeta.from_json(read_json(self._meta_path(name)))
@@ -178,9 +199,17 @@ class Pool:
                 # The store could not record it; the pool metadata did.
                 snap.valid = False
                 snap.invalid_reason = sm.invalid
+            elif store is not None and not snap.valid and not sm.invalid:
+                # The store's header has it; the metadata could not (a full
+                # filesystem): make them agree.
+                dropped = True
             origin.register(snap)
         if dropped:
-            await self.save_origin(origin)
+            try:
+                await self.save_origin(origin)
+            except OSError as e:
+                log.error("origin %s: could not update its metadata: %s", name, e.strerror)
+                self._dirty.add(name)
         if meta.merging:
             snap = next((s for s in origin.snapshots if s.snap_name == meta.merging), None)
             if snap is None or not snap.valid:
@@ -196,6 +225,7 @@ class Pool:
         if self.closed:
             return
         self.closed = True
+        await self.space_watch.stop()
         errors: list[DmError] = []
         for origin in list(self._origins.values()):
             await self._close_origin(origin, errors)
@@ -293,15 +323,44 @@ class Pool:
         lock = self._meta_locks.setdefault(origin.name, trio.Lock())
         async with lock:
             await trio.to_thread.run_sync(write_json_atomic, self._meta_path(origin.name), meta)
+        self._dirty.discard(origin.name)
+
+    async def save_dirty(self) -> None:
+        """Save the metadata that could not be saved before (quietly: the
+        first failure was logged)."""
+        for name in sorted(self._dirty):
+            origin = self._origins.get(name)
+            if origin is None:
+                self._dirty.discard(name)
+                continue
+            try:
+                await self.save_origin(origin)
+                log.info("origin %s: metadata saved (it could not be before)", name)
+            except OSError:
+                pass
 
     async def _on_event(self, event: Event) -> None:
         """What the pool does when an origin raises an event (dmeventd's part)."""
         if isinstance(event, SnapshotInvalidated):
             snap = event.snapshot
+            self.space_watch.check_fs()
             try:
                 await self.save_origin(snap.origin)
-            except Exception as e:
-                log.error("snapshot %s: could not persist the invalid flag in the pool: %s", snap.name, e)
+            except OSError as e:
+                # The store's header has it (or the core deletes the store's
+                # log); saved again once there is room (`save_dirty`), and
+                # made to agree at the next mount.
+                self._dirty.add(snap.origin.name)
+                raise DmError(e.errno or errno.EIO, f"snapshot {snap.name}: could not save the "
+                              f"invalid flag in {origin_meta(snap.origin.name)} ({e.strerror}); "
+                              "saved once there is room") from None
+        elif isinstance(event, SnapshotGivenUp):
+            snap = event.snapshot
+            log.warning("snapshot %s was given up for space (%s): %d bytes of it released; "
+                        "it stays listed as Invalid until deleted", snap.name, event.needed_by,
+                        event.freed)
+            await self.save_dirty()
+            self.space_watch.kick()
         elif isinstance(event, MergeFinished):
             await merge.finish_merge(self, event.merge.origin)
         elif isinstance(event, TunablesChanged):
@@ -394,6 +453,19 @@ class Pool:
             if origin.backing is None:
                 os.unlink(origin.path)
         log.info("deleted origin %s", origin.name)
+
+    # -- space (space.py) -----------------------------------------------------
+
+    def space_info(self, volume: Volume) -> dict:
+        """What user.dmfs.info adds to `volume.info()` about space."""
+        if volume.is_snapshot:
+            cfg = volume.config
+            return {"need": snapshot_need(volume), "reserve": cfg.reserve,
+                    "autoextend_threshold": cfg.autoextend_threshold,
+                    "autoextend_percent": cfg.autoextend_percent}
+        return {"early_ack": volume.writeback.enabled,
+                "given_up": volume.given_up,
+                "not_reserved": volume.writeback.not_reserved}
 
     # -- snapshots and merges (snapshots.py, merge.py) ---------------------------
 

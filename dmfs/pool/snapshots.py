@@ -16,12 +16,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dmio.space import NOSPACE
 from store import SECTOR, ExceptionStore, StoreType, create_store, open_store, remove_store
 
 from ..dm import Origin, Snapshot, SnapshotConfig, SnapshotTarget
+from ..dm.snapshot import AUTOEXTEND_OFF
 from ..errors import DmError
 from .handover import handover
 from .names import check_name
+from .space import check_room_for_snapshot, default_cow_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Pool
@@ -40,6 +43,12 @@ class SnapshotSpec:
         origin chunk.
       store: P persistent, PO persistent with overflow, N transient.
       discard_zeroes_cow, discard_passdown_origin: dm's discard features.
+      reserve: allocate the whole COW store now (fallocate), so that the
+        snapshot is never given up for lack of space; ENOSPC if the
+        pool's filesystem cannot hold it.
+      autoextend_threshold, autoextend_percent: grow cow_size by this
+        percentage once the store is this full (lvm.conf's
+        snapshot_autoextend_*; a threshold of 100 never extends).
     """
 
     name: str
@@ -48,19 +57,25 @@ class SnapshotSpec:
     store: StoreType = StoreType.P
     discard_zeroes_cow: bool = False
     discard_passdown_origin: bool = False
+    reserve: bool = False
+    autoextend_threshold: int = AUTOEXTEND_OFF
+    autoextend_percent: int = 20
 
 
 
 async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Snapshot:
     """Take a point-in-time snapshot of `origin`.
 
-    The store is created first; then, with the origin suspended (no
-    write in flight, none admitted), the snapshot is registered and
-    the metadata saved.  Writes acknowledged before this returns are
-    in the snapshot; writes after it are not.
+    The store is created first (and with `spec.reserve`, allocated
+    whole); then, with the origin suspended (no write in flight, none
+    admitted), the snapshot is registered and the metadata saved.  Writes
+    acknowledged before this returns are in the snapshot; writes after it
+    are not.
 
     Raises:
-      DmError(EEXIST): the name is taken; EINVAL: bad spec.
+      DmError(EEXIST): the name is taken; EINVAL: bad spec; ENOSPC: the
+        pool's filesystem is (nearly) full, or cannot hold a reserved
+        store (the reason is logged).
     """
     check_name(spec.name, "snapshot name")
     store_type = StoreType.parse(spec.store)
@@ -69,15 +84,33 @@ async def create_snapshot(pool: Pool, origin: Origin, spec: SnapshotSpec) -> Sna
         if origin.size == 0:
             raise DmError(errno.EINVAL, f"{origin.filename} is empty; give it a size first")
         cow_size = spec.cow_size if spec.cow_size is not None else default_cow_size(origin, spec.chunk_size)
+        check_room_for_snapshot(pool, f"{origin.name}@{spec.name}", spec.chunk_size)
         base = pool._store_base(origin.name, spec.name)
         await remove_store(base)  # leftovers of a crash mid-create
-        store = await create_store(base, type_name=store_type, chunk_size=spec.chunk_size, cow_size=cow_size,
-                                   spawn=pool.nursery.start_soon)
+        try:
+            store = await create_store(base, type_name=store_type, chunk_size=spec.chunk_size,
+                                       cow_size=cow_size, spawn=pool.nursery.start_soon)
+        except DmError as e:
+            if e.errno == errno.ENOSPC:
+                log.warning("not taking snapshot %s@%s: %s", origin.name, spec.name, e)
+            raise
         cfg = SnapshotConfig(store=store_type, discard_zeroes_cow=spec.discard_zeroes_cow,
-                             discard_passdown_origin=spec.discard_passdown_origin)
+                             discard_passdown_origin=spec.discard_passdown_origin,
+                             reserve=spec.reserve, autoextend_threshold=spec.autoextend_threshold,
+                             autoextend_percent=spec.autoextend_percent)
+        if spec.reserve:
+            try:
+                await store.reserve_space()
+            except BaseException as e:
+                if isinstance(e, DmError):
+                    log.warning("not taking snapshot %s@%s: its whole COW store (reserve, %d "
+                                "bytes) does not fit: %s", origin.name, spec.name, cow_size, e)
+                await store.destroy()
+                raise
         snap = await _register(pool, origin, spec.name, store, cfg)
-    log.info("created snapshot %s (chunk %d, cow %d, store %s)", snap.name, snap.chunk_size, cow_size,
-             store_type.value)
+    log.info("created snapshot %s (chunk %d, cow %d, store %s%s)", snap.name, snap.chunk_size, cow_size,
+             store_type.value, ", reserved" if spec.reserve else "")
+    pool.space_watch.kick()
     return snap
 
 
@@ -142,16 +175,6 @@ async def _register(pool: Pool, origin: Origin, name: str, store: ExceptionStore
     return snap
 
 
-def default_cow_size(origin: Origin, chunk_size: int) -> int:
-    """Room for every origin chunk plus header and metadata areas: such a
-    snapshot cannot overflow from origin writes (dmtest's
-    max_snapshot_size does the same sum)."""
-    nr_chunks = -(-origin.size // chunk_size)
-    epa = chunk_size // 16
-    nr_areas = -(-(nr_chunks + 1) // epa)
-    return chunk_size * (1 + nr_areas + nr_chunks + 1)
-
-
 async def delete_snapshot(pool: Pool, snap: Snapshot) -> None:
     """Remove a snapshot and its store.
 
@@ -168,7 +191,17 @@ async def delete_snapshot(pool: Pool, snap: Snapshot) -> None:
         try:
             origin.unregister(snap)
             try:
-                await pool.save_origin(origin)
+                try:
+                    await pool.save_origin(origin)
+                except OSError as e:
+                    if e.errno not in NOSPACE or snap.valid or snap.store is None \
+                            or not snap.store.invalid_recorded:
+                        raise
+                    # A full filesystem: an invalid snapshot's data can go
+                    # first (its header says it is invalid), which makes
+                    # room for the metadata.
+                    await snap.store.release_space()
+                    await pool.save_origin(origin)
             except BaseException:
                 origin.register(snap)
                 raise
@@ -219,6 +252,10 @@ async def set_cow_size(pool: Pool, snap: Snapshot, nbytes: int) -> None:
 
         async def change():
             # A reload with a bigger COW device, as lvextend does.
+            before = snap.store.cow_size
+            if snap.config.reserve and nbytes > before:
+                # A reserved store stays reserved whole (ENOSPC: unchanged).
+                await snap.store.reserve_space(before, nbytes)
             await snap.store.set_cow_size(nbytes)
             snap.device.swap_table(SnapshotTarget(snap, readonly=old.readonly))
         await handover(snap, change)

@@ -136,7 +136,7 @@ async def test_a_reserved_snapshot_is_never_chosen(pool, monkeypatch):
     s1 = await pool.create_snapshot(o, SnapshotSpec("s1", chunk_size=16 * KiB))
     s2 = await pool.create_snapshot(o, SnapshotSpec("s2", chunk_size=16 * KiB, reserve=True))
     assert os.stat(s2.store.cow_path).st_blocks * 512 >= s2.store.cow_size
-    assert o.choose_victim() is s1
+    assert o.out_of_space.choose_victim() is s1
     Budget(size + 16 * KiB).install(o, monkeypatch)
     with trio.fail_after(30):
         await o.write(0, pattern(6, size))

@@ -25,21 +25,7 @@ The data path of an origin write (`OriginTarget.map`):
    caller is acknowledged as soon as the write is held, and the cache's
    applier task does step 3.
 
-Out of space.  The stores are sparse files on one filesystem, so
-snapshots may together be promised more room than it has.  When a
-write that must go on finds no room — a copy-out (its copy or its
-commit), or the origin write itself — the origin gives up one snapshot
-(`make_room`), lets its store give its space back, and tries again;
-the others keep going for as long as the room suffices.  One at a time:
-a copy that failed before the last release is simply tried again, only
-one that failed after it gives up the next snapshot (`space_epoch`).
-Which goes first (`choose_victim`): the newest snapshot, because it was
-the last to overcommit the pool (LVM would have refused to create it);
-a snapshot whose store was reserved whole at creation (`reserve`) is
-never given up for space.  The invalidation is durable (store header
-first) before the store's space is released and before any origin write
-that needed the snapshot goes on.  A write to a snapshot that finds no
-room fails with ENOSPC instead (snapshot.py).
+Out of space, the origin gives up snapshots one at a time (nospace.py).
 
 Everything here runs on the trio thread (see snapshot.py).
 """
@@ -63,7 +49,8 @@ from kcopyd import CopyResult, KcopydClient, Region
 
 from ..errors import DmError, StoreFull
 from .device import MappedDevice, run_io
-from .events import Event, EventHandler, SnapshotGivenUp, TunablesChanged, no_handler
+from .events import Event, EventHandler, TunablesChanged, no_handler
+from .nospace import OutOfSpace
 from .origin_target import OriginTarget
 from .pending import PendingException
 from .volume import Volume
@@ -143,14 +130,9 @@ class Origin(Volume):
         # Copied pending exceptions waiting for the committer task.
         self._copied: list[tuple[PendingException, int | None]] = []
         self._committing = False
-        # Out of space (see the module's docstring): copies waiting for
-        # room, the snapshot being given up, and how many releases so far.
-        self._nospace: list[PendingException] = []
-        self._nospace_running = False
-        self._giving_up: trio.Event | None = None
-        self.space_epoch = 0
-        self.given_up = 0
+        # Set and replaced each time pending exceptions complete.
         self._progress = trio.Event()
+        self.out_of_space = OutOfSpace(self)
         self.device = MappedDevice(name, OriginTarget(self))
 
     def register(self, snap: Snapshot) -> None:
@@ -246,7 +228,7 @@ class Origin(Volume):
         """
         groups: dict[tuple[int, int], list[PendingException]] = {}
         for pe in pes:
-            pe.epoch = self.space_epoch
+            pe.epoch = self.out_of_space.epoch
             s = pe.snapshot
             key = (pe.old * s.chunk_size, s.chunk_bytes(pe.old, pe.count))
             groups.setdefault(key, []).append(pe)
@@ -299,145 +281,36 @@ class Origin(Volume):
                         async with trio.open_nursery() as n:
                             for (s, err), pes in by_key.items():
                                 n.start_soon(complete, s, pes, err)
-                except Exception:  # a bug must not leave origin writes hanging
+                    if nospace:
+                        self.out_of_space.no_room(nospace)
+                except Exception:  # a bug must not leave origin writes hanging, or kill the daemon
                     log.exception("committing %d exceptions of %s failed", len(batch), self.name)
                     for pe, _ in batch:
                         if not pe.done.is_set():
                             pe.error = errno.EIO
                             pe.done.set()
                     self.cow_progressed()
-                    continue
-                if nospace:
-                    self._no_room(nospace)
         finally:
             self._committing = False
+
+    async def make_room(self, needed_by: str) -> bool:
+        """`OutOfSpace.make_room`: give up one snapshot; False if none is left."""
+        return await self.out_of_space.make_room(needed_by)
+
+    @property
+    def given_up(self) -> int:
+        """Snapshots given up for space since the mount."""
+        return self.out_of_space.given_up
+
+    async def wait_progress(self) -> None:
+        """Until some pending exceptions complete."""
+        await self._progress.wait()
 
     def cow_progressed(self) -> None:
         """Pending exceptions completed: wake the write-back cache."""
         self.writeback.kick()
         self._progress.set()
         self._progress = trio.Event()
-
-    # -- out of space ----------------------------------------------------------
-
-    def choose_victim(self) -> Snapshot | None:
-        """The snapshot to give up when a write finds no room: the newest
-        valid one (last created) whose store was not reserved whole;
-        None if there is none (merging snapshots are never chosen)."""
-        cands = [s for s in self.snapshots
-                 if s.valid and s.active and not s.merging and s.store is not None
-                 and not s.config.reserve]
-        if not cands:
-            return None
-        return max(cands, key=lambda s: (s.config.created, s.snap_name))
-
-    async def make_room(self, needed_by: str) -> bool:
-        """Give up one snapshot (`choose_victim`) and give its space back.
-
-        If a snapshot is being given up already, wait for that instead:
-        one at a time, and the space it frees may be enough.
-
-        Returns:
-          False if no snapshot could be given up (the caller fails with
-          ENOSPC); True once the space is released (try again).
-        """
-        if self._giving_up is not None:
-            await self._giving_up.wait()
-            return True
-        victim = self.choose_victim()
-        if victim is None:
-            return False
-        done = self._giving_up = trio.Event()
-        try:
-            await self._give_up(victim, needed_by)
-        finally:
-            self._giving_up = None
-            done.set()
-        return True
-
-    async def _give_up(self, victim: Snapshot, needed_by: str) -> None:
-        """Invalidate `victim` durably, wait for the copies into its store,
-        then release the store's space and bump `space_epoch`."""
-        victim.invalidate(f"given up for space: {needed_by} found the pool's filesystem "
-                          f"full (the newest snapshot of {self.name} goes first)")
-        # Its copies waiting for room fail now (they would never get it).
-        mine = [pe for pe in self._nospace if pe.snapshot is victim]
-        if mine:
-            self._nospace = [pe for pe in self._nospace if pe.snapshot is not victim]
-            await victim.complete_pending(mine, errno.ENOSPC)
-        await victim.invalid_durable.wait()
-        freed = 0
-        store = victim.store
-        if store is not None and victim.invalid_on_disk:
-            # No copy into the store may land after its space went back.
-            while len(victim.pending):
-                await self._progress.wait()
-            try:
-                freed = await store.release_space()
-            except DmError as e:
-                log.error("snapshot %s: %s", victim.name, e)
-        else:
-            log.error("snapshot %s: its invalidation is not recorded, so its space stays",
-                      victim.name)
-        self.space_epoch += 1
-        self.given_up += 1
-        log.warning("gave up snapshot %s for space (%s); %d bytes released",
-                    victim.name, needed_by, freed)
-        await self.raise_event(SnapshotGivenUp(victim, freed, needed_by))
-
-    def _no_room(self, pes: list[PendingException]) -> None:
-        """Origin copies that found no room: retry them once there is.
-        Those of a snapshot invalidated meanwhile (given up) fail now."""
-        gone = [pe for pe in pes if not pe.snapshot.valid]
-        if gone:
-            self.nursery.start_soon(self._fail, gone, errno.ENOSPC)
-        self._nospace.extend(pe for pe in pes if pe.snapshot.valid)
-        if self._nospace and not self._nospace_running:
-            self._nospace_running = True
-            self.nursery.start_soon(self._nospace_worker)
-
-    async def _nospace_worker(self) -> None:
-        """Give up snapshots, one at a time, until the waiting copies fit.
-
-        A copy that started before the last release may fit now: it is
-        tried again without giving anything up.  When nothing can be
-        given up, the snapshots whose copies still fail are invalidated
-        (as a copy error would).
-        """
-        try:
-            while self._nospace:
-                if not any(pe.epoch < self.space_epoch for pe in self._nospace):
-                    who = sorted({pe.snapshot.snap_name for pe in self._nospace})
-                    if not await self.make_room(f"a copy-out to {', '.join(who)}"):
-                        break
-                pes, self._nospace = self._nospace, []
-                await self._restart(pes)
-            if self._nospace:
-                pes, self._nospace = self._nospace, []
-                await self._fail(pes, errno.ENOSPC)
-        except Exception:  # a bug must not leave origin writes hanging
-            log.exception("%s: retrying copies that found no room failed", self.name)
-            pes, self._nospace = self._nospace, []
-            for pe in pes:
-                pe.error = errno.EIO
-                pe.done.set()
-            self.cow_progressed()
-        finally:
-            self._nospace_running = False
-
-    async def _restart(self, pes: list[PendingException]) -> None:
-        """Copy again what still needs it; fail the rest (invalid snapshots)."""
-        again = [pe for pe in pes if pe.snapshot.valid]
-        if again:
-            self.start_copy_job(again)
-        await self._fail([pe for pe in pes if not pe.snapshot.valid], errno.ENOSPC)
-
-    async def _fail(self, pes: list[PendingException], err: int) -> None:
-        by_snap: dict[Snapshot, list[PendingException]] = {}
-        for pe in pes:
-            by_snap.setdefault(pe.snapshot, []).append(pe)
-        for s, group in by_snap.items():
-            await s.complete_pending(group, err)
 
     # -- discard -----------------------------------------------------------------
 

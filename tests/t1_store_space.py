@@ -164,15 +164,3 @@ async def test_reserve_space_allocates_the_whole_store(base):
     assert os.fstat(store.cow_fd).st_blocks * 512 >= 4 * M1
     assert os.fstat(store.cow_fd).st_size == 4 * M1
     await store.close()
-
-
-async def test_a_new_log_asks_for_in_place_overwrites(base):
-    """On btrfs a new store's log is NOCOW, so its header can be rewritten
-    on a full filesystem; elsewhere the flag does not exist."""
-    from dmio import space
-
-    if space.fs_magic(os.path.dirname(base)) != space.BTRFS_MAGIC:
-        pytest.skip("tmp is not on btrfs (t6_full_pool.py checks it on one)")
-    store = await make(base, FileIO())
-    assert space.is_nocow(store.log_fd)
-    await store.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 
+from .fileio import OS_IO
+
 
 def rename_files(pairs: list[tuple[str, str]], sync_dir: bool = True) -> None:
     """Rename each (src, dst) in order, all or none (blocking: run it in a
@@ -25,7 +27,7 @@ def rename_files(pairs: list[tuple[str, str]], sync_dir: bool = True) -> None:
             os.rename(src, dst)
             done.append((src, dst))
         if sync_dir and pairs:
-            fsync_dir(pairs[0][1])
+            OS_IO.fsync_dir(pairs[0][1])
     except BaseException:
         for src, dst in reversed(done):
             try:
@@ -33,12 +35,3 @@ def rename_files(pairs: list[tuple[str, str]], sync_dir: bool = True) -> None:
             except OSError:
                 pass
         raise
-
-
-def fsync_dir(path: str) -> None:
-    """fsync the directory holding `path`."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

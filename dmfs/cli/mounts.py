@@ -75,16 +75,24 @@ class MountEntry(NamedTuple):
 
 def mount_entry(mnt: str) -> MountEntry | None:
     """The mountinfo entry of the topmost mount at `mnt`, or None."""
+    fields = _mountinfo_fields(mnt)
+    if fields is None:
+        return None
+    sep = fields.index("-")
+    major, minor = fields[2].split(":")
+    return MountEntry((int(major), int(minor)), fields[sep + 1])
+
+
+def _mountinfo_fields(mnt: str) -> list[str] | None:
+    """The fields of the last /proc/self/mountinfo line that mounts at `mnt`."""
     mnt = resolve_mountpoint(mnt)
     found = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
-                sep = fields.index("-")
                 if _unescape(fields[4]) == mnt:
-                    major, minor = fields[2].split(":")
-                    found = MountEntry((int(major), int(minor)), fields[sep + 1])
+                    found = fields
     except OSError:
         return None
     return found
@@ -99,18 +107,10 @@ def mount_type(mnt: str) -> str | None:
 def mount_source(mnt: str) -> str | None:
     """The source field of the topmost mount at `mnt` (``dmfs:POOL`` for a
     dmfs mount), or None."""
-    mnt = resolve_mountpoint(mnt)
-    source = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if _unescape(fields[4]) == mnt:
-                    source = _unescape(fields[sep + 2])
-    except OSError:
+    fields = _mountinfo_fields(mnt)
+    if fields is None:
         return None
-    return source
+    return _unescape(fields[fields.index("-") + 2])
 
 
 def pool_of(mnt: str) -> str | None:

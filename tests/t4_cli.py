@@ -18,25 +18,9 @@ import time
 import pytest
 
 import util
-from util import dmfs, run
+from util import dmfs, pread, pwrite, run
 
 MiB = 1 << 20
-
-
-def pread(path, off, n):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
-
-
-def pwrite(path, off, data):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        return os.pwrite(fd, data, off)
-    finally:
-        os.close(fd)
 
 
 def error_of(path) -> str:

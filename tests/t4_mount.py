@@ -15,25 +15,9 @@ import sys
 import pytest
 
 import util
-from util import dmfs, run
+from util import dmfs, pread, pwrite, run
 
 MiB = 1 << 20
-
-
-def pread(path, off, n):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
-
-
-def pwrite(path, off, data, flags=0):
-    fd = os.open(path, os.O_WRONLY | flags)
-    try:
-        return os.pwrite(fd, data, off)
-    finally:
-        os.close(fd)
 
 
 def getfattr(path, name):

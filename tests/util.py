@@ -73,6 +73,24 @@ def losetup_attach(path, direct_io: bool = False, readonly: bool = False) -> str
     return dev
 
 
+def pread(path, off, n):
+    """One pread of a file opened for it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def pwrite(path, off, data, flags=0):
+    """One pwrite of a file opened for it (with extra open `flags`)."""
+    fd = os.open(path, os.O_WRONLY | flags)
+    try:
+        return os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+
+
 def losetup_detach(dev: str, mnt, timeout: float = 15) -> None:
     """`losetup -d` and wait until the device no longer uses a file under `mnt`.
 

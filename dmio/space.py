@@ -18,7 +18,7 @@ import struct
 
 __all__ = ["FALLOC_FL_KEEP_SIZE", "FALLOC_FL_PUNCH_HOLE", "FALLOC_FL_UNSHARE_RANGE",
            "fallocate", "set_nocow", "is_nocow", "fs_magic", "BTRFS_MAGIC", "XFS_MAGIC",
-           "EXT4_MAGIC", "TMPFS_MAGIC", "shares_extents", "NOSPACE"]
+           "EXT4_MAGIC", "TMPFS_MAGIC", "shares_extents", "NOSPACE", "no_hole"]
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -55,6 +55,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def no_hole(fd: int, start: int, end: int) -> bool:
+    """Whether bytes [start, end) of a file are all allocated (no hole;
+    an unwritten extent with nothing in the page cache counts as a hole
+    on ext4, so this may say False where a write would need no room).
+    Only the part before the end of the file is looked at."""
+    try:
+        end = min(end, os.fstat(fd).st_size)
+        return start >= end or os.lseek(fd, start, os.SEEK_HOLE) >= end
+    except OSError:
+        return False
 
 
 def _getflags(fd: int) -> int:

@@ -33,6 +33,9 @@ def hold_kcopyd_jobs(origin, *, into_origin: bool) -> trio.Event:
     """Make those jobs (see `on_kcopyd_jobs`) wait until the returned
     event is set."""
     gate = trio.Event()
+    if not into_origin:
+        # Or a small copy of cached data is made inline, never held.
+        origin.inline_copies = False
 
     async def held(nursery, *args, **k):
         await gate.wait()

@@ -32,23 +32,20 @@ assert SIZE <= INLINE_IO_MAX  # no test writes more than SIZE: see the docstring
 
 class Copy:
     """What the cache reads of a PendingException (dmfs/dm/pending.py):
-    `done`, `error` and `wait()`.  The test completes it with `finish`."""
+    `finished` and `error`.  The test completes it with `finish`."""
 
     def __init__(self):
-        self.done = trio.Event()
+        self.finished = False
         self.error: int | None = None
-
-    async def wait(self) -> None:
-        await self.done.wait()
 
 
 def finish(wb: WritebackCache, *copies: Copy, error: int | None = None) -> None:
-    """Complete copies as the origin does: error, done, then
-    `kick` (Origin.cow_progressed)."""
+    """Complete copies as the origin does: error, finished, then
+    `kick` with them (Origin.cow_progressed)."""
     for c in copies:
         c.error = error
-        c.done.set()
-    wb.kick()
+        c.finished = True
+    wb.kick(list(copies))
 
 
 def no_recheck(start: int, end: int):

@@ -24,6 +24,7 @@ one sequence.  4 rounds by default, 20 with DMFS_SLOW=1.  Needs root and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -239,7 +240,11 @@ class PoolUnderTest:
                 assert status not in ("Invalid", "Overflow"), f"{vol}: {status}"
 
 
-def test_sigkill_at_random_moments(tmp_path):
+@pytest.mark.parametrize("copies", ["inline", "kcopyd"])
+def test_sigkill_at_random_moments(tmp_path, copies):
+    """`copies`: small COW copies of cached data are made inline (the fast
+    path, origin.py's _copy_inline), or every copy is a kcopyd job
+    (copy_throttle below 100 turns the inline path off)."""
     # The seed printed on a failure replays the run: DMFS_CRASH_SEED=N.
     seed = int(os.environ.get("DMFS_CRASH_SEED", "0")) or random.randrange(1, 1 << 30)
     rng = random.Random(seed)
@@ -248,6 +253,8 @@ def test_sigkill_at_random_moments(tmp_path):
     try:
         vm = p.path("vm.img")
         util.run("truncate", "-s", str(VOL), vm)
+        if copies == "kcopyd":
+            os.setxattr(vm, "user.dmfs.copy_throttle", b"99")   # kept across mounts
         data = rng.randbytes(VOL)
         fd = os.open(vm, os.O_WRONLY)
         try:
@@ -275,6 +282,9 @@ def test_sigkill_at_random_moments(tmp_path):
             for w in origin_writers + list(writers.values()):
                 w.start()
             time.sleep(rng.uniform(0.2, 1.5))
+            made = json.loads(os.getxattr(vm, "user.dmfs.info"))["copies"]
+            for how, n in made.items():
+                p.stats[f"copies_{how}"] = p.stats.get(f"copies_{how}", 0) + n
             p.kill()
             for w in origin_writers + list(writers.values()):
                 w.stopping.set()
@@ -290,6 +300,10 @@ def test_sigkill_at_random_moments(tmp_path):
         p.daemon.stop()
         assert p.daemon.proc.returncode == 0
         p.check(repair=False)
+        if copies == "inline":
+            assert p.stats["copies_inline"] > 0, p.stats
+        else:
+            assert p.stats["copies_inline"] == 0 < p.stats["copies_kcopyd_jobs"], p.stats
     except BaseException:
         print(f"DMFS_CRASH_SEED={seed}; daemon logs in {tmp_path}")
         raise

@@ -36,6 +36,7 @@ with its seed.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import random
@@ -301,8 +302,10 @@ def _first_diff(a: bytes, b) -> int:
 
 
 class ModelRun:
-    def __init__(self, mounted, seed: int, batches: int, budget: float | None):
+    def __init__(self, mounted, seed: int, batches: int, budget: float | None,
+                 copies: str = "inline"):
         self.m = mounted
+        self.copies = copies
         self.seed = seed
         self.batches = batches
         self.budget = budget
@@ -426,10 +429,19 @@ class ModelRun:
                     self.check_range(op.vol, 0, SIZE, f"new snapshot {op}")
         self.check_states(f"after batch {ops}")
 
+    def count_copies(self) -> None:
+        """Add the origin's COW copies since the mount (inline, kcopyd) to the stats."""
+        made = json.loads(os.getxattr(self.path("vm"), "user.dmfs.info"))["copies"]
+        for how, n in made.items():
+            self.stats[f"copies_{how}"] = self.stats.get(f"copies_{how}", 0) + n
+
     def run(self) -> dict:
         g = self.gen
         t_start = time.monotonic()
         util.run("truncate", "-s", str(SIZE), self.path("vm"))
+        if self.copies == "kcopyd":
+            # Every COW copy a kcopyd job: below 100 nothing is copied inline.
+            os.setxattr(self.path("vm"), "user.dmfs.copy_throttle", b"99")
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             for b in range(self.batches):
                 if self.budget is not None and time.monotonic() - t_start > self.budget:
@@ -437,6 +449,7 @@ class ModelRun:
                 ops = g.batch()
                 self.history.append(ops)
                 if ops[0].kind == "remount":
+                    self.count_copies()
                     self.m.restart()
                     g.apply(ops)
                     self.stats["remounts"] += 1
@@ -456,6 +469,7 @@ class ModelRun:
                 if b % 40 == 39:
                     self.check_full(f"periodic check at batch {b}")
             self.check_full("final check")
+        self.count_copies()
         self.stats["batches"] = len(self.history)
         self.stats["seconds"] = round(time.monotonic() - t_start, 1)
         return self.stats
@@ -467,22 +481,33 @@ def _batches(default: int) -> int:
     return default * (10 if os.environ.get("DMFS_SLOW") else 1)
 
 
-def run_model(mounted, seed: int, batches: int, budget: float | None = None) -> dict:
-    print(f"model run: DMFS_SEED={seed}, up to {batches} batches")
-    stats = ModelRun(mounted, seed, batches, budget).run()
+def run_model(mounted, seed: int, batches: int, budget: float | None = None,
+              copies: str = "inline") -> dict:
+    print(f"model run: DMFS_SEED={seed}, up to {batches} batches, {copies} copies")
+    stats = ModelRun(mounted, seed, batches, budget, copies).run()
     print(f"model run done: {stats}")
     assert "Traceback" not in mounted.log(), mounted.log()
     return stats
 
 
-def test_model_random(mounted):
-    """The random exploration: a fresh seed each run unless DMFS_SEED is set."""
+@pytest.mark.parametrize("copies", ["inline", "kcopyd"])
+def test_model_random(mounted, copies):
+    """The random exploration: a fresh seed each run unless DMFS_SEED is set.
+
+    `copies`: small COW copies of cached data made inline (origin.py's
+    fast path), or every copy a kcopyd job (the general path; half the
+    time budget)."""
     env_seed = os.environ.get("DMFS_SEED")
     seed = int(env_seed) if env_seed else random.SystemRandom().randrange(1 << 32)
     slow = bool(os.environ.get("DMFS_SLOW"))
-    budget = None if (env_seed or slow or os.environ.get("DMFS_MODEL_BATCHES")) else TIME_BUDGET
-    stats = run_model(mounted, seed, _batches(DEFAULT_BATCHES), budget)
+    budget = None if (env_seed or slow or os.environ.get("DMFS_MODEL_BATCHES")) else \
+        TIME_BUDGET / (1 if copies == "inline" else 2)
+    stats = run_model(mounted, seed, _batches(DEFAULT_BATCHES), budget, copies)
     assert stats["writes"] > 0
+    if copies == "inline":
+        assert stats["copies_inline"] > 0, stats
+    else:
+        assert stats["copies_inline"] == 0 < stats["copies_kcopyd_jobs"], stats
 
 
 def test_model_random_slow_disk(tmp_path):

@@ -154,9 +154,8 @@ class OutOfSpace:
             log.exception("%s: retrying copies that found no room failed", self.origin.name)
             pes, self._waiting = self._waiting, []
             for pe in pes:
-                pe.error = errno.EIO
-                pe.done.set()
-            self.origin.cow_progressed()
+                pe.finish(errno.EIO)
+            self.origin.cow_progressed(pes)
         finally:
             self._worker_running = False
 

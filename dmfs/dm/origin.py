@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dmio import discard_ranges
+from dmio import discard_ranges, pwrite_all
 from dmio.space import NOSPACE
 from kcopyd import CopyResult, KcopydClient, Region
 
@@ -68,6 +68,9 @@ KCOPYD_MAX_REGIONS = 8
 # copy queued at the time: a thread hop costs about as much as copying
 # 64 KiB between page-cached files.
 BATCH_COPY_MAX = 64 * 1024
+# COW copies up to this size whose old data is in the page cache are made
+# inline (`_copy_inline`).
+INLINE_COPY_MAX = 64 * 1024
 
 COPY_THROTTLE_RANGE = (1, 100)
 COW_THRESHOLD_MIN = 1
@@ -130,6 +133,10 @@ class Origin(Volume):
         # Copied pending exceptions waiting for the committer task.
         self._copied: list[tuple[PendingException, int | None]] = []
         self._committing = False
+        # Small cached copies are made inline until the backing file says
+        # it cannot tell whether a read would block.
+        self.inline_copies = True
+        self.copies_inline = 0    # since the mount, for `info`
         # Set and replaced each time pending exceptions complete.
         self._progress = trio.Event()
         self.out_of_space = OutOfSpace(self)
@@ -178,6 +185,20 @@ class Origin(Volume):
             if not (s.valid and s.active) or s.merging or start >= s.size:
                 continue
             c0, c1 = s.chunk_range(start, end)
+            if c1 - c0 == 1:
+                # The common small write: one chunk, looked up without
+                # building the pieces of a range.
+                if s.exceptions.lookup(c0) is not None:
+                    continue
+                pe = s.pending.get(c0)
+                if pe is not None:
+                    waits.append(pe)
+                    continue
+                try:
+                    new.extend(s.new_pending(c0, 1))
+                except StoreFull:
+                    s.invalidate("exception store is full (origin write)")
+                continue
             for lo, hi, pe in s.uncopied(c0, c1):
                 if pe is not None:
                     if not waits or waits[-1] is not pe:
@@ -226,13 +247,23 @@ class Origin(Volume):
         scheduling than a 4 KiB copy (small jobs share a thread hop in
         kcopyd for the same reason).
         """
-        groups: dict[tuple[int, int], list[PendingException]] = {}
-        for pe in pes:
-            pe.epoch = self.out_of_space.epoch
+        epoch = self.out_of_space.epoch
+        if len(pes) == 1:
+            pe = pes[0]
+            pe.epoch = epoch
             s = pe.snapshot
-            key = (pe.old * s.chunk_size, s.chunk_bytes(pe.old, pe.count))
-            groups.setdefault(key, []).append(pe)
+            groups = {(pe.old * s.chunk_size, s.chunk_bytes(pe.old, pe.count)): pes}
+        else:
+            groups = {}
+            for pe in pes:
+                pe.epoch = epoch
+                s = pe.snapshot
+                key = (pe.old * s.chunk_size, s.chunk_bytes(pe.old, pe.count))
+                groups.setdefault(key, []).append(pe)
+        inline = self.inline_copies and self.kcopyd.throttle_percent == 100
         for (src, length), group in groups.items():
+            if inline and length <= INLINE_COPY_MAX and self._copy_inline(src, length, group):
+                continue
             for i in range(0, len(group), KCOPYD_MAX_REGIONS):
                 job = group[i:i + KCOPYD_MAX_REGIONS]
                 dests = [Region(pe.snapshot.store.cow_fd, pe.new * pe.snapshot.chunk_size, length)
@@ -240,6 +271,39 @@ class Origin(Volume):
                 self.kcopyd.copy_soon(self.nursery, Region(self.fd, src, length), dests,
                                       functools.partial(self._copy_done, job),
                                       chunks=max(pe.count for pe in job))
+
+    def _copy_inline(self, src: int, length: int, pes: list[PendingException]) -> bool:
+        """Copy a small origin range whose data is in the page cache right
+        here, on the trio thread: a thread hop and a kcopyd job cost more
+        than the copy (issue 17).  `os.preadv` with RWF_NOWAIT says
+        without blocking whether the data is cached; False (nothing done)
+        when it is not, and the caller gives the copy to kcopyd.
+        """
+        buf = bytearray(length)
+        try:
+            got = os.preadv(self.fd, (buf,), src, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                # This backing file cannot say: every copy goes to kcopyd.
+                self.inline_copies = False
+            return False
+        if got != length:      # partly cached, or the file's end: kcopyd sorts it out
+            return False
+        copied = self._copied
+        for pe in pes:
+            err = None
+            try:
+                pwrite_all(pe.snapshot.store.cow_fd, buf, pe.new * pe.snapshot.chunk_size)
+            except OSError as e:
+                err = e.errno or errno.EIO
+            copied.append((pe, err))
+        self.copies_inline += 1
+        if not self._committing:
+            self._committing = True
+            self.nursery.start_soon(self._committer)
+        return True
 
     def _copy_done(self, pes: list[PendingException], res: CopyResult) -> None:
         """Queue copied (or failed) pending exceptions for the committer."""
@@ -285,11 +349,10 @@ class Origin(Volume):
                         self.out_of_space.no_room(nospace)
                 except Exception:  # a bug must not leave origin writes hanging, or kill the daemon
                     log.exception("committing %d exceptions of %s failed", len(batch), self.name)
-                    for pe, _ in batch:
-                        if not pe.done.is_set():
-                            pe.error = errno.EIO
-                            pe.done.set()
-                    self.cow_progressed()
+                    unfinished = [pe for pe, _ in batch if not pe.finished]
+                    for pe in unfinished:
+                        pe.finish(errno.EIO)
+                    self.cow_progressed(unfinished)
         finally:
             self._committing = False
 
@@ -306,9 +369,11 @@ class Origin(Volume):
         """Until some pending exceptions complete."""
         await self._progress.wait()
 
-    def cow_progressed(self) -> None:
-        """Pending exceptions completed: wake the write-back cache."""
-        self.writeback.kick()
+    def cow_progressed(self, finished: list[PendingException]) -> None:
+        """Pending exceptions finished (`PendingException.finish`): wake
+        the write-back cache's writes that waited for them, and every
+        other waiter (`wait_progress`)."""
+        self.writeback.kick(finished)
         self._progress.set()
         self._progress = trio.Event()
 
@@ -340,6 +405,7 @@ class Origin(Volume):
         if start >= end:
             return 0
         await self.copy_out([(start, end)])
+        self.writeback.holes_punched()
         try:
             await trio.to_thread.run_sync(discard_ranges, self.fd, [(start, end - start)])
         except OSError as e:
@@ -386,6 +452,9 @@ class Origin(Volume):
             "backing": self.backing, "readonly": False,
             "copy_throttle": self.kcopyd.throttle_percent,
             "cow_threshold": self.kcopyd.cow_threshold,
+            # COW copies since the mount: made inline (small, cached) and
+            # kcopyd jobs (merge steps too).
+            "copies": {"inline": self.copies_inline, "kcopyd_jobs": self.kcopyd.jobs_done},
             "open": self.open_count, "allocated": self.allocated(),
             # The snapshot being merged has left the listing; what `dmfs
             # status` shows of it (and `dmfs merge --wait` follows) is here.

@@ -84,7 +84,7 @@ class OriginTarget(Target):
                 req.complete()
                 return []
             for d in deps:
-                await d.applied.wait()
+                await wb.wait_applied(d)
             # A write goes to the origin only once no snapshot needs a
             # copy of what it overwrites.
             if waits:

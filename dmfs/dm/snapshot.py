@@ -246,11 +246,13 @@ class Snapshot(Volume):
         elif error is not None and not (error in NOSPACE and all(pe.writer for pe in pes)):
             self.invalidate(f"copy to the exception store failed: {os.strerror(error)}")
         if error is None and self.valid:
+            insert = self.exceptions.insert
             for pe in pes:
                 # New reads go to the COW copy from here on ("do not starve").
-                self.exceptions.insert(pe.old, pe.new, pe.count)
-            for pe in pes:
-                await self.tracked.wait_clear(pe.old, pe.count)
+                insert(pe.old, pe.new, pe.count)
+            if self.tracked:
+                for pe in pes:
+                    await self.tracked.wait_clear(pe.old, pe.count)
         elif error is None:
             error = errno.EIO
         if not self.valid:
@@ -262,11 +264,11 @@ class Snapshot(Volume):
             # A snapshot write that found no room: its chunks go back.
             for pe in pes:
                 self.store.abort_exception(ExceptionRun(pe.old, pe.new, pe.count))
+        discard = self.pending.discard
         for pe in pes:
-            self.pending.discard(pe)
-            pe.error = error
-            pe.done.set()
-        self.origin.cow_progressed()
+            discard(pe)
+            pe.finish(error)
+        self.origin.cow_progressed(pes)
         return retry
 
     # -- discard (dm-snap.c's discard_zeroes_cow, discard_passdown_origin) --------
@@ -320,6 +322,9 @@ class Snapshot(Volume):
         if passdown:
             origin = [(a, b - a) for a, b in self.origin.unneeded(start, end, exclude=self)]
         cow_fd, origin_fd = self.store.cow_fd, self.origin.fd
+
+        if origin:
+            self.origin.writeback.holes_punched()
 
         def work() -> None:
             discard_ranges(cow_fd, cow)

@@ -7,15 +7,16 @@ which both dm-kcopyd and the persistent exception store sit: a `Region`
 without Python buffers, and `discard_ranges` punches ranges out of a file
 (dm-io's discards); `space` allocates, unshares and gives back byte
 ranges of a file (fallocate) and tells what kind of filesystem a pool
-lives on.
+lives on; `PageCacheProbe` tells whether a range is in the page cache.
 
 The bottom layer: it imports nothing from `store`, `kcopyd` or `dmfs`.
 """
 
+from .cache import PageCacheProbe as PageCacheProbe
 from .discard import discard_ranges as discard_ranges
 from .region import Region as Region
 from .rw import copy_in_kernel as copy_in_kernel
 from .rw import pwrite_all as pwrite_all
 from . import space as space
 
-__all__ = ["Region", "copy_in_kernel", "discard_ranges", "pwrite_all", "space"]
+__all__ = ["PageCacheProbe", "Region", "copy_in_kernel", "discard_ranges", "pwrite_all", "space"]

@@ -75,7 +75,9 @@ class _Waiter:
     def __init__(self, chunks: int):
         self.chunks = chunks
         self.granted = 0  # chunks of room taken for this job, 0 until admitted
-        self.event = trio.Event()
+        # Made only for a job that has to wait for room: most are admitted
+        # as they come, and a small COW copy should not pay for an Event.
+        self.event: trio.Event | None = None
 
 
 class _BatchJob:
@@ -297,7 +299,8 @@ class KcopydClient:
             self._waiters.popleft()
             self._in_progress += need
             waiter.granted = need
-            waiter.event.set()
+            if waiter.event is not None:
+                waiter.event.set()
 
     def _put(self, chunks: int) -> None:
         """Give back room; may be called by any task (it is not a lock)."""
@@ -328,6 +331,9 @@ class KcopydClient:
         # must keep their side of it: do not hold, while awaiting copy()/zero(),
         # a lock that the job's callback or the code completing other jobs needs
         # (wait first, then lock -- as snapshot_map does before taking s->lock).
+        if waiter.granted:
+            return
+        waiter.event = trio.Event()
         try:
             await waiter.event.wait()
         except BaseException:

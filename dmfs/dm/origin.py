@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dmio import discard_ranges, pwrite_all
+from dmio import PageCacheProbe, discard_ranges, pwrite_all
 from dmio.space import NOSPACE
 from kcopyd import CopyResult, KcopydClient, Region
 
@@ -137,6 +137,7 @@ class Origin(Volume):
         # it cannot tell whether a read would block.
         self.inline_copies = True
         self.copies_inline = 0    # since the mount, for `info`
+        self._page_cache = PageCacheProbe()
         # Set and replaced each time pending exceptions complete.
         self._progress = trio.Event()
         self.out_of_space = OutOfSpace(self)
@@ -275,10 +276,13 @@ class Origin(Volume):
     def _copy_inline(self, src: int, length: int, pes: list[PendingException]) -> bool:
         """Copy a small origin range whose data is in the page cache right
         here, on the trio thread: a thread hop and a kcopyd job cost more
-        than the copy (issue 17).  `os.preadv` with RWF_NOWAIT says
-        without blocking whether the data is cached; False (nothing done)
-        when it is not, and the caller gives the copy to kcopyd.
+        than the copy (issue 17).  cachestat says whether the data is
+        cached without starting a read (dmio.cache), and `os.preadv` with
+        RWF_NOWAIT never blocks on what it missed; False (nothing done)
+        when it is not cached, and the caller gives the copy to kcopyd.
         """
+        if self._page_cache.cached(self.fd, src, length) is False:
+            return False
         buf = bytearray(length)
         try:
             got = os.preadv(self.fd, (buf,), src, os.RWF_NOWAIT)

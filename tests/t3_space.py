@@ -25,6 +25,7 @@ from dmfs.pool import space as pool_space
 from kcopyd import CopyResult
 from store.base import ExceptionStore
 
+import util
 from core_util import on_kcopyd_jobs
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -292,6 +293,29 @@ async def test_space_report_and_info(pool):
     assert info == {"need": 4 * MiB, "reserve": False, "autoextend_threshold": 100,
                     "autoextend_percent": 20}
     assert set(pool.space_info(o)) == {"early_ack", "given_up", "not_reserved"}
+
+
+async def test_the_report_says_whether_the_pool_shares_extents(pool, tmp_path):
+    # coreutils, not dmfs's probe, says whether tmp can reflink (ext4 here: no)
+    shares = util.reflinks(tmp_path)
+    assert pool.fs.kind != "ext4" or not shares
+    assert pool.fs.shares_extents is shares and pool.fs.probed
+    assert pool.space()["shares_extents"] is shares
+    assert pool.space()["overwrite_needs_space"] is (shares or pool.fs.kind == "btrfs")
+    assert pool.fs.summary().startswith("shares extents (reflink)" if shares else "no reflink")
+    assert not [f for f in os.listdir(pool.path) if "reflink-probe" in f]   # scratch files gone
+
+
+def test_the_pool_fs_summary_says_what_a_copy_out_costs():
+    xfs = pool_space.PoolFs("xfs", True, True)
+    assert xfs.summary() == ("shares extents (reflink): COW copies share the origin's blocks; "
+                             "origin overwrites of shared blocks need new space, so origin "
+                             "writes are acknowledged only once applied")
+    assert pool_space.PoolFs("ext4", False, False).summary() == \
+        "no reflink: every COW copy is written out"
+    # a full XFS: the probe could not run, so sharing is assumed and said to be
+    guessed = pool_space.PoolFs("xfs", True, True, probed=False).summary()
+    assert guessed.endswith("(assumed for xfs: the reflink probe could not run)")
 
 
 async def test_warnings_and_autoextend_through_the_watcher(pool, caplog):

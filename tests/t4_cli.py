@@ -288,6 +288,17 @@ def test_status_columns_attr_json_and_pool_space(mounted):
     vg = status_json(mounted.mnt)["report"][0]["vg"][0]
     assert vg["vg_name"] == "pool" and vg["pool_used"] > 0 and vg["pool_fs_size"] > 0
     assert vg["pool_virtual"] == sum(os.stat(mounted.path(n)).st_size for n in os.listdir(mounted.mnt))
+    # whether the pool's file system shares extents (reflink): in the JSON,
+    # in a line of its own and in the mount's log (ext4 here: it does not;
+    # XFS and btrfs are in t6_full_pool.py)
+    kind, shares = vg["pool_fs"], util.reflinks(mounted.pool)
+    assert kind != "ext4" or not shares
+    assert vg["pool_shares_extents"] is shares, vg
+    said = ("shares extents (reflink): COW copies share the origin's blocks" if shares
+            else "has no reflink: every COW copy is written out")
+    assert any(ln.startswith(f"  pool {kind} file system {said}") for ln in lines), out
+    assert f" on {kind}: {'shares extents (reflink)' if shares else 'no reflink'}: " \
+        in mounted.log(), mounted.log()
     # -o, names, units, no headings
     out = dmfs("status", mounted.mnt, "vm", "vm@s1.img", "-o", "lv_name,lv_size",
                "--units", "b", "--nosuffix", "--noheadings").stdout

@@ -311,3 +311,25 @@ def test_the_pool_filesystem_warnings_come_once_per_step(small_fs):
     lines = [ln for ln in log.splitlines() if "WARNING: the filesystem of pool" in ln]
     assert len(lines) == 2, "\n".join(lines) or log
     assert " 8" in lines[0] and "full" in lines[0]
+
+
+@pytest.mark.parametrize("small_fs", ["ext4", "xfs", "btrfs"], indirect=True)
+def test_status_and_log_say_whether_the_pool_shares_extents(small_fs):
+    """XFS with reflink=1 and btrfs share extents, ext4 does not: the
+    mount's log, ``user.dmfs.pool_space`` and `dmfs status` say which."""
+    fs = small_fs
+    fs.start()
+    shares = fs.kind != "ext4"
+    assert util.reflinks(fs.fs) is shares      # coreutils agrees on the filesystem
+    space = json.loads(os.getxattr(fs.mnt, "user.dmfs.pool_space"))
+    assert (space["fs"], space["shares_extents"], space["overwrite_needs_space"]) == \
+        (fs.kind, shares, shares), space
+    status = util.dmfs("status", fs.mnt).stdout
+    said = ("shares extents (reflink): COW copies share the origin's blocks; origin "
+            "overwrites of shared blocks need new space" if shares
+            else "has no reflink: every COW copy is written out")
+    assert f"\n  pool {fs.kind} file system {said}" in status, status
+    log = fs.stop()
+    said = "shares extents (reflink): COW copies" if shares else "no reflink: every COW copy"
+    assert f"pool {fs.pool} on {fs.kind}: {said}" in log, log
+    assert "assumed for" not in log, log          # probed, not guessed from the kind

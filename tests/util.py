@@ -73,6 +73,18 @@ def losetup_attach(path, direct_io: bool = False, readonly: bool = False) -> str
     return dev
 
 
+def reflinks(directory) -> bool:
+    """Whether files in `directory` can share extents, asked of coreutils
+    (`cp --reflink=always`), not of dmfs's own probe."""
+    src, dst = Path(directory) / ".reflink-test-a", Path(directory) / ".reflink-test-b"
+    src.write_bytes(b"\1" * 4096)
+    try:
+        return run("cp", "--reflink=always", src, dst, check=False).returncode == 0
+    finally:
+        for p in (src, dst):
+            p.unlink(missing_ok=True)
+
+
 def pread(path, off, n):
     """One pread of a file opened for it."""
     fd = os.open(path, os.O_RDONLY)

@@ -286,6 +286,25 @@ def overcommit_line(space: dict, units: str = "h", suffix: bool = True) -> str:
     return line
 
 
+def reflink_line(space: dict) -> str:
+    """One line on whether the pool's file system shares extents, so what
+    a copy-out costs there (the words of the mount's log line); "" from a
+    daemon that does not report it."""
+    shares = space.get("shares_extents")
+    if shares is None:
+        return ""
+    line = f"  pool {space.get('fs', '?')} file system "
+    if shares:
+        return line + ("shares extents (reflink): COW copies share the origin's blocks; "
+                       "origin overwrites of shared blocks need new space, so origin writes "
+                       "are acknowledged only once applied")
+    line += "has no reflink: every COW copy is written out"
+    if space.get("overwrite_needs_space"):
+        line += ("; an overwrite may need new space there, so origin writes are "
+                 "acknowledged only once applied")
+    return line
+
+
 def json_report(rows: list[dict], fields: list[str], space: dict, vg: str,
                 units: str, suffix: bool) -> dict:
     """``lvs --reportformat json``'s shape, plus the pool as the report's vg."""
@@ -325,7 +344,7 @@ def run(args) -> int:
         line = pool_line(space, units, suffix)
         if line:
             print(line)
-        line = overcommit_line(space, units, suffix)
-        if line:
-            print(line)
+        for line in (overcommit_line(space, units, suffix), reflink_line(space)):
+            if line:
+                print(line)
     return 0

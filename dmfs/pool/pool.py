@@ -120,9 +120,7 @@ class Pool:
             if done:
                 pool.recovered.append(done)
             pool.fs = await trio.to_thread.run_sync(PoolFs.detect, path)
-            log.info("pool %s is on %s%s", path, pool.fs.kind,
-                     "; an overwrite may need new space there, so origin writes are "
-                     "acknowledged only once applied" if pool.fs.overwrite_needs_space else "")
+            log.info("pool %s on %s: %s", path, pool.fs.kind, pool.fs.summary())
             for fn in sorted(os.listdir(path)):
                 if fn.endswith(".json") and fn != "pool.json":
                     await pool._load_origin(fn[:-5])

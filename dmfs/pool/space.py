@@ -80,10 +80,13 @@ class PoolFs:
         into the stores may share the origin's blocks.
       overwrite_needs_space: an overwrite of a file may need new space
         (btrfs always; a filesystem whose extents may be shared).
+      probed: `shares_extents` was tried (a reflink between two scratch
+        files), not assumed from `kind`.
     """
     kind: str
     shares_extents: bool
     overwrite_needs_space: bool
+    probed: bool = True
 
     @classmethod
     def detect(cls, path: str, probe: bool = True) -> PoolFs:
@@ -97,9 +100,27 @@ class PoolFs:
         magic = space.fs_magic(path)
         kind = _KINDS.get(magic, "other")
         shares = space.shares_extents(path) if probe else None
+        probed = shares is not None
         if shares is None:
             shares = kind in ("xfs", "btrfs")
-        return cls(kind, shares, kind == "btrfs" or shares)
+        return cls(kind, shares, kind == "btrfs" or shares, probed)
+
+    def summary(self) -> str:
+        """What this filesystem means for copy-outs and origin writes, in
+        words (the mount's log line; `dmfs status` says it from
+        ``pool_space``'s keys)."""
+        if self.shares_extents:
+            text = ("shares extents (reflink): COW copies share the origin's blocks; "
+                    "origin overwrites of shared blocks need new space, so origin writes "
+                    "are acknowledged only once applied")
+        else:
+            text = "no reflink: every COW copy is written out"
+            if self.overwrite_needs_space:
+                text += ("; an overwrite may need new space there, so origin writes are "
+                         "acknowledged only once applied")
+        if not self.probed:
+            text += f" (assumed for {self.kind}: the reflink probe could not run)"
+        return text
 
 
 def writeback_policy(fs: PoolFs, origin: Origin) -> SpacePolicy:
@@ -218,6 +239,9 @@ def overcommit_report(pool: Pool, st: os.statvfs_result) -> dict[str, Any]:
     need: what the snapshots (and the origins' holes) may still take;
     overcommit: how much `need` exceeds fs_avail by (0: everything fits);
     overcommit_percent: need / fs_avail in percent (over 100: overcommitted);
+    shares_extents: its files can share extents (reflink: XFS with
+      reflink=1, btrfs), so a copy-out shares the origin's old blocks
+      instead of writing them (None: not known yet);
     overwrite_needs_space: an overwrite may need new space there (btrfs,
       shared extents), so origin writes are not acknowledged early;
     early_ack: the origins whose writes may be acknowledged before they
@@ -243,6 +267,7 @@ def overcommit_report(pool: Pool, st: os.statvfs_result) -> dict[str, Any]:
         "fs_used_percent": round(fs_used_percent(st), 2),
         "need": need, "overcommit": max(0, need - free),
         "overcommit_percent": round(100.0 * need / free, 1) if free else None,
+        "shares_extents": fs.shares_extents if fs else None,
         "overwrite_needs_space": fs.overwrite_needs_space if fs else None,
         "early_ack": sorted(o.name for o in pool.origins() if o.writeback.enabled),
         "given_up": sum(o.given_up for o in pool.origins()),

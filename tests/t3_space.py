@@ -308,7 +308,7 @@ async def test_the_report_says_whether_the_pool_shares_extents(pool, tmp_path):
 
 def test_the_pool_fs_summary_says_what_a_copy_out_costs():
     xfs = pool_space.PoolFs("xfs", True, True)
-    assert xfs.summary() == ("shares extents (reflink): COW copies share the origin's blocks; "
+    assert xfs.summary() == ("shares extents (reflink): COW copies may share the origin's blocks; "
                              "origin overwrites of shared blocks need new space, so origin "
                              "writes are acknowledged only once applied")
     assert pool_space.PoolFs("ext4", False, False).summary() == \

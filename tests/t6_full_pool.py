@@ -325,7 +325,7 @@ def test_status_and_log_say_whether_the_pool_shares_extents(small_fs):
     assert (space["fs"], space["shares_extents"], space["overwrite_needs_space"]) == \
         (fs.kind, shares, shares), space
     status = util.dmfs("status", fs.mnt).stdout
-    said = ("shares extents (reflink): COW copies share the origin's blocks; origin "
+    said = ("shares extents (reflink): COW copies may share the origin's blocks; origin "
             "overwrites of shared blocks need new space" if shares
             else "has no reflink: every COW copy is written out")
     assert f"\n  pool {fs.kind} file system {said}" in status, status

@@ -295,7 +295,7 @@ def reflink_line(space: dict) -> str:
         return ""
     line = f"  pool {space.get('fs', '?')} file system "
     if shares:
-        return line + ("shares extents (reflink): COW copies share the origin's blocks; "
+        return line + ("shares extents (reflink): COW copies may share the origin's blocks; "
                        "origin overwrites of shared blocks need new space, so origin writes "
                        "are acknowledged only once applied")
     line += "has no reflink: every COW copy is written out"

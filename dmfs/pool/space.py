@@ -110,7 +110,7 @@ class PoolFs:
         words (the mount's log line; `dmfs status` says it from
         ``pool_space``'s keys)."""
         if self.shares_extents:
-            text = ("shares extents (reflink): COW copies share the origin's blocks; "
+            text = ("shares extents (reflink): COW copies may share the origin's blocks; "
                     "origin overwrites of shared blocks need new space, so origin writes "
                     "are acknowledged only once applied")
         else:

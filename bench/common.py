@@ -223,6 +223,80 @@ def loop_device(path: str):
         run(["losetup", "-d", dev], check=False)
 
 
+#: Where the pools lie (``--pool-fs``): the work directory's own filesystem,
+#: or a loop-mounted filesystem made for the run.
+WORKDIR_FS = "workdir"
+MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K", "-m", "reflink=1"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f", "-K"],
+}
+MKFS_PACKAGE = {"ext4": "e2fsprogs", "xfs": "xfsprogs", "btrfs": "btrfs-progs"}
+#: mkfs.xfs refuses less than 300 MiB.
+MIN_FS_SIZE = 512 * MiB
+
+
+def fs_type(path: str) -> str:
+    """The type of the filesystem holding `path` ("ext4", "xfs", ...; "?")."""
+    out = run(["findmnt", "-n", "-o", "FSTYPE", "--target", path], check=False).stdout
+    return out.strip() or "?"
+
+
+@contextlib.contextmanager
+def loop_filesystem(kind: str, image: str, mountpoint: str, size: int):
+    """A sparse `image` file of `size` bytes, mkfs'd as `kind` and mounted
+    at `mountpoint`; unmounted, detached and removed afterwards, also after
+    a failure or Ctrl-C.
+
+    The loop device runs with direct I/O, so the image's blocks are not
+    cached a second time in the host's page cache: an origin whose cache
+    was dropped is read from the disk, as on the work directory.
+
+    Raises:
+      Unavailable: no room for the image, or mkfs or mount failed.
+    """
+    st = os.statvfs(os.path.dirname(image))
+    if st.f_bavail * st.f_frsize < size:
+        raise Unavailable(f"a {human_size(size)} {kind} image needs that much free in "
+                          f"{os.path.dirname(image)} "
+                          f"({st.f_bavail * st.f_frsize / (1 << 30):.1f} GiB free)")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    dev = None
+    try:
+        dev = run(["losetup", "--direct-io=on", "-f", "--show", image]).stdout.strip()
+        try:
+            run(MKFS[kind] + [dev])
+            os.makedirs(mountpoint, exist_ok=True)
+            run(["mount", dev, mountpoint])
+        except RuntimeError as e:
+            raise Unavailable(f"cannot make the {kind} pool filesystem: {e}") from None
+        try:
+            yield
+        finally:
+            run(["umount", mountpoint], check=False)
+            lazy_umount(mountpoint)
+    finally:
+        if dev:
+            detach_loop_of(dev, image)
+        try:
+            os.unlink(image)
+        except OSError:
+            pass
+
+
+def detach_loop_of(dev: str, backing: str) -> None:
+    """``losetup -d DEV`` if DEV is still backed by `backing` (a freed loop
+    device may already serve somebody else)."""
+    try:
+        with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
+            if f.read().strip() != os.path.realpath(backing):
+                return
+    except OSError:
+        return
+    run(["losetup", "-d", dev], check=False)
+
+
 def timed_cp(src: str, dst: str) -> tuple[float, float]:
     """`cp src dst` plus fdatasync of dst: (seconds, CPU seconds of cp)."""
     cpu0 = children_cpu_seconds()

@@ -4,6 +4,11 @@ The targets are those of issue 4 item 5, each checked on the medians of
 this run: PASS, FAIL, or n/a when a side of the comparison is missing.
 The COW first-write targets are also set against the durable-COW disk
 floor (`bench.floor`) when it was measured.
+
+With pools on several filesystems (``--pool-fs``) every workload has a row
+per filesystem: the plain name on the work directory's filesystem,
+``NAME@FS`` on a loop-mounted one, and every target is checked per
+filesystem.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from . import floor
+from .common import WORKDIR_FS
 from .workloads import Workload
 
 FLOOR = "passthrough"
@@ -59,14 +65,27 @@ TARGETS = (
 )
 
 
-class Results:
-    """Cells by (system, workload), in the order systems and workloads were given."""
+def row_name(workload: str, fs: str = WORKDIR_FS) -> str:
+    """The table's row of `workload` run on pools on `fs`."""
+    return workload if fs == WORKDIR_FS else f"{workload}@{fs}"
 
-    def __init__(self, systems: list[str], workloads: list[Workload]):
+
+class Results:
+    """Cells by (system, row), in the order systems and workloads were given.
+
+    A row is a workload on the pools of one filesystem (`row_name`); rows
+    of one workload stay together, so the filesystems compare line by line.
+    """
+
+    def __init__(self, systems: list[str], workloads: list[Workload],
+                 pool_fs: tuple[str, ...] = (WORKDIR_FS,)):
         self.systems = systems
-        self.workloads = workloads
-        self.cells = {(s, w.name): Cell() for s in systems for w in workloads}
+        self.pool_fs = pool_fs
+        self.workloads = [Workload(row_name(w.name, fs), w.unit, w.what)
+                          for w in workloads for fs in pool_fs]
+        self.cells = {(s, w.name): Cell() for s in systems for w in self.workloads}
         self.disk_floor = Cell()    # MB/s of `bench.floor.durable_cow_floor`, no CPU
+        self.width = max([22] + [len(w.name) for w in self.workloads])
 
     def add(self, system: str, workload: str, value: float, cpu: float) -> None:
         cell = self.cells[(system, workload)]
@@ -88,13 +107,13 @@ class Results:
     # -- output ------------------------------------------------------------------
 
     def table(self) -> str:
-        head = [f"{'workload':<22} {'unit':<5}"]
+        head = [f"{'workload':<{self.width}} {'unit':<5}"]
         for s in self.systems:
             head.append(f"{s:>11} {'' if s == FLOOR else 'x pt':>6} {'cpu s':>6}")
         lines = [" | ".join(head)]
         lines.append("-" * len(lines[0]))
         for w in self.workloads:
-            row = [f"{w.name:<22} {w.unit:<5}"]
+            row = [f"{w.name:<{self.width}} {w.unit:<5}"]
             for s in self.systems:
                 row.append(self._cell_text(s, w.name))
             lines.append(" | ".join(row))
@@ -120,9 +139,9 @@ class Results:
             pairs = [x / y for x, y in zip(ca.values, cb.values) if y]
             cpu = [x / y for x, y in zip(ca.cpu, cb.cpu) if y]
             if not pairs:
-                lines.append(f"  {w.name:<22} n/a")
+                lines.append(f"  {w.name:<{self.width}} n/a")
                 continue
-            text = (f"  {w.name:<22} {statistics.median(pairs):5.2f} "
+            text = (f"  {w.name:<{self.width}} {statistics.median(pairs):5.2f} "
                     f"({min(pairs):.2f}-{max(pairs):.2f})")
             if cpu:
                 text += f"   cpu {statistics.median(cpu):5.2f} ({min(cpu):.2f}-{max(cpu):.2f})"
@@ -144,18 +163,20 @@ class Results:
 
     def targets(self) -> list[dict]:
         out = []
-        for t in TARGETS:
-            ratio = self.ratio(t.system, t.workload, t.against)
-            a = self.cells.get((t.system, t.workload))
-            b = self.cells.get((t.against, t.workload))
+        for t, fs in ((t, fs) for t in TARGETS for fs in self.pool_fs):
+            row = row_name(t.workload, fs)
+            ratio = self.ratio(t.system, row, t.against)
+            a = self.cells.get((t.system, row))
+            b = self.cells.get((t.against, row))
             if ratio is None:
-                verdict, detail = "n/a", _missing(t, a, b)
+                verdict, detail = "n/a", _missing(t, row, a, b)
             else:
                 verdict = "PASS" if ratio >= t.factor else "FAIL"
                 detail = (f"{ratio:.2f} x ({fmt(a.median)} vs {fmt(b.median)} "
-                          f"{_unit(self.workloads, t.workload)}, {t.workload})")
+                          f"{_unit(self.workloads, row)}, {row})")
             floor_ratio = None
-            disk = self.disk_floor.median
+            # The floor is measured on the work directory's filesystem only.
+            disk = self.disk_floor.median if fs == WORKDIR_FS else None
             if t.disk_floor and disk and a is not None and a.median is not None:
                 floor_ratio = a.median / disk
                 detail += f"; {t.system} = {floor_ratio:.2f} x disk floor"
@@ -164,8 +185,9 @@ class Results:
                 if needed > disk:
                     detail += (f"; needs {fmt(needed)} MB/s "
                                f"(above the durable-COW disk floor of {fmt(disk)} MB/s)")
-            out.append({"target": t.text, "verdict": verdict, "ratio": ratio, "detail": detail,
-                        "ratio_to_disk_floor": floor_ratio})
+            text = t.text if fs == WORKDIR_FS else f"{t.text}, pools on {fs}"
+            out.append({"target": text, "verdict": verdict, "ratio": ratio, "detail": detail,
+                        "ratio_to_disk_floor": floor_ratio, "pool_fs": fs})
         return out
 
     def targets_text(self) -> str:
@@ -196,10 +218,10 @@ def _unit(workloads: list[Workload], name: str) -> str:
     return next(w.unit for w in workloads if w.name == name)
 
 
-def _missing(t: Target, a: Cell | None, b: Cell | None) -> str:
+def _missing(t: Target, row: str, a: Cell | None, b: Cell | None) -> str:
     for system, cell in ((t.system, a), (t.against, b)):
         if cell is None:
-            return f"{system} {t.workload} not in this run"
+            return f"{system} {row} not in this run"
         if cell.median is None:
-            return f"{system} {t.workload}: {cell.note or 'not measured'}"
+            return f"{system} {row}: {cell.note or 'not measured'}"
     return f"{t.against} measured 0"

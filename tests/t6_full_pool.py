@@ -329,6 +329,23 @@ def test_status_and_log_say_whether_the_pool_shares_extents(small_fs):
             "overwrites of shared blocks need new space" if shares
             else "has no reflink: every COW copy is written out")
     assert f"\n  pool {fs.kind} file system {said}" in status, status
+    # A first write of cached data: copied inline on ext4; on a sharing
+    # filesystem it goes to kcopyd, whose copy_file_range shares the blocks.
+    vm = os.path.join(fs.mnt, "vm.img")
+    util.run("truncate", "-s", str(MiB), vm)
+    fd = os.open(vm, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\x11" * MiB, 0)
+        os.fsync(fd)
+        os.setxattr(vm, "user.dmfs.snapshot", b"s1 chunk_size=4K")
+        os.pwrite(fd, b"\x22" * 4096, 8192)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    copies = json.loads(os.getxattr(vm, "user.dmfs.info"))["copies"]
+    assert (copies["inline"] > 0, copies["kcopyd_jobs"] > 0) == (not shares, shares), copies
+    with open(os.path.join(fs.mnt, "vm@s1.img"), "rb") as f:
+        assert f.read(MiB) == b"\x11" * MiB
     log = fs.stop()
     said = "shares extents (reflink): COW copies" if shares else "no reflink: every COW copy"
     assert f"pool {fs.pool} on {fs.kind}: {said}" in log, log

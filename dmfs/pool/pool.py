@@ -161,6 +161,10 @@ class Pool:
         origin = Origin(name, path, fd, size, backing=backing, nursery=self.nursery, events=self._on_event)
         if self.fs is not None:
             origin.writeback.space_policy = writeback_policy(self.fs, origin)
+            # Where extents can be shared, kcopyd's copy_file_range hands
+            # the origin's old blocks to the store; a copy made inline
+            # (preadv + pwrite) would write them out again.
+            origin.inline_copies = not self.fs.shares_extents
         return origin
 
     async def _load_origin(self, name: str) -> None:

@@ -80,7 +80,7 @@ class OriginTarget(Target):
                     and wb.reserve(req.offset, req.length):
                 # Acknowledge now, apply once the copy-outs are committed.
                 data = req.buf if req.buf.readonly else bytes(req.buf)
-                await wb.add(req.offset, data, waits)
+                await wb.add(req.offset, data, waits, deps)
                 req.complete()
                 return []
             for d in deps:

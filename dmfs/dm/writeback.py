@@ -259,20 +259,24 @@ class WritebackCache:
 
     # -- holding -------------------------------------------------------------
 
-    async def add(self, start: int, data, waits) -> None:
+    async def add(self, start: int, data, waits, deps: list[_Entry] | None = None) -> None:
         """Hold `data` for [start, start+len) and apply it in the background.
 
         `waits` are the pending exceptions the write needs; `data` must not
-        change afterwards (bytes, or a copy).  Returns once the data is
-        held, which may mean waiting for room.
+        change afterwards (bytes, or a copy); `deps` is what
+        `ordered_before` returned for it, if the caller asked already.
+        Returns once the data is held, which may mean waiting for room.
         """
         n = len(data)
         # No checkpoint of its own: every request path has one (pyfuse3's
         # wait_readable, or MappedDevice.submit's).
         while self.entries and (self.nbytes + n > self.max_bytes or self.entries >= self.max_entries):
             await self._changed.wait()
+            deps = None     # entries were applied meanwhile: ask again
+        if deps is None:
+            deps = self.ordered_before(start, start + n)
         self._seq += 1
-        e = _Entry(self._seq, start, data, self.ordered_before(start, start + n), waits)
+        e = _Entry(self._seq, start, data, deps, waits)
         r0, r1 = start >> REGION_SHIFT, (e.end - 1) >> REGION_SHIFT
         regions = self._regions
         for r in range(r0, r1 + 1):

@@ -10,9 +10,9 @@ Userspace version of ``drivers/md/dm-kcopyd.c`` as dm-snapshot uses it:
   it finishes one, and the job completes when all of them have.
 * Each job or sub-job is one `trio.to_thread.run_sync` hop (a hop costs about
   60 us, so never one per 4 KiB) bounded by a per-client `trio.CapacityLimiter`.
-  Inside the thread (io.py) each destination is copied with
-  `os.copy_file_range` (no Python buffers; a reflink where the files can
-  share extents), falling back to `os.preadv` and `os.pwrite`.
+  Inside the thread (io.py) a single destination is copied with
+  `os.copy_file_range` (no Python buffers); several destinations get one
+  `os.preadv` and one `os.pwrite` each.
 * COW work in flight is bounded by ``cow_threshold`` counted in chunks (the
   kernel's ``in_progress`` / ``cow_threshold`` of dm-snap.c), and the I/O duty
   cycle by a `Throttle` (``snapshot_copy_throttle``).

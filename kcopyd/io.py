@@ -31,28 +31,17 @@ def subjob_io(
     Returns:
       (errno of the source read or None, {dest index: errno}).
     """
-    if src is None:
-        return _copy_buffered(src, dests, rel, length)
-    # Each destination gets its own copy_file_range: where the files share
-    # extents (XFS with reflink, btrfs) that is a reflink per destination
-    # and N snapshots' copies write no data at all; elsewhere it copies
-    # page cache to page cache, the source read once from the disk.
-    write_errors: dict[int, int] = {}
-    for i, (index, dst) in enumerate(dests):
+    if src is not None and len(dests) == 1:
+        index, dst = dests[0]
         done = copy_in_kernel(src.fd, src.offset + rel, dst.fd, dst.offset + rel, length)
         if done == length:
-            continue
+            return None, {}
         # Error, unsupported pair of files, or short source: finish with
         # pread/pwrite, which tells a read error from a write error (one
         # copy_file_range error cannot) and zero-fills past the source's EOF.
-        # Nothing copied (a block device, two filesystems): the source is
-        # read once for every destination left.
-        rest = dests[i:] if done == 0 else [(index, dst)]
-        read_error, errs = _copy_buffered(src, rest, rel + done, length - done)
-        write_errors.update(errs)
-        if read_error is not None or done == 0:
-            return read_error, write_errors
-    return None, write_errors
+        rel += done
+        length -= done
+    return _copy_buffered(src, dests, rel, length)
 
 
 def batch_io(

@@ -13,8 +13,12 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 @pytest.fixture
 def probe():
     p = PageCacheProbe()
-    if p.cached(os.open("/proc/self/exe", os.O_RDONLY), 0, 1) is None:
-        pytest.skip("this kernel has no cachestat(2) (Linux 6.5)")
+    fd = os.open("/proc/self/exe", os.O_RDONLY)
+    try:
+        if p.cached(fd, 0, 1) is None:
+            pytest.skip("this kernel has no cachestat(2) (Linux 6.5)")
+    finally:
+        os.close(fd)
     return p
 
 

@@ -286,3 +286,44 @@ async def test_a_write_bigger_than_the_cache_is_taken_when_it_is_empty(fd, nurse
     await wait_all_tasks_blocked()
     assert added.is_set()
     assert os.pread(fd, 3 * K4, 0) == A * 3
+
+
+async def test_reserve_learns_regions_without_holes_and_spares_sparse_ones_the_probe(
+        tmp_path, nursery, monkeypatch):
+    """Under RESERVE a held write allocates its range first (fallocate);
+    a 1 MiB region found with no hole needs none after that, and one with
+    holes is looked at (SEEK_HOLE) only every PROBE_EVERY fallocates."""
+    from dmfs.dm import writeback
+    from dmio import space
+    mib = 1 << 20
+    fd = os.open(tmp_path / "origin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, 2 * mib)
+        os.pwrite(fd, b"x" * mib, 0)             # region 0 written, region 1 a hole
+        os.fsync(fd)
+        calls = {"fallocate": 0, "probe": 0}
+        real_fallocate, real_probe = space.fallocate, space.no_hole
+
+        def fallocate(*a):
+            calls["fallocate"] += 1
+            real_fallocate(*a)
+
+        def no_hole(*a):
+            calls["probe"] += 1
+            return real_probe(*a)
+
+        monkeypatch.setattr(space, "fallocate", fallocate)
+        monkeypatch.setattr(space, "no_hole", no_hole)
+        wb = make(fd, nursery)
+        assert wb.space_policy is writeback.SpacePolicy.RESERVE
+        for _ in range(3):
+            assert wb.reserve(K4, K4)
+        assert calls == {"fallocate": 1, "probe": 1}, calls
+        for i in range(writeback.PROBE_EVERY + 2):
+            assert wb.reserve(mib + i * K4, K4)
+        assert calls["fallocate"] == 1 + writeback.PROBE_EVERY + 2
+        assert calls["probe"] == 1 + 2, calls    # first write, then after PROBE_EVERY more
+        wb.holes_punched()
+        assert wb.reserve(K4, K4) and calls["fallocate"] == writeback.PROBE_EVERY + 4
+    finally:
+        os.close(fd)

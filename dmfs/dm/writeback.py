@@ -65,6 +65,7 @@ PAGE_SHIFT = 12
 # size: a region without holes needs no fallocate before an early
 # acknowledgement (one syscall saved per small write).
 ALLOC_SHIFT = 20
+PROBE_EVERY = 64
 
 
 class SpacePolicy(enum.Enum):
@@ -128,7 +129,9 @@ class WritebackCache:
       * at most one applier task runs (`_applying`); it lives while
         entries are held and sleeps on `_kick` when nothing is ready;
       * `_allocated` holds regions (`ALLOC_SHIFT`) of the origin file
-        known to have no hole: a write there needs no fallocate;
+        known to have no hole: a write there needs no fallocate; a region
+        found with holes is looked at again after `PROBE_EVERY` more
+        fallocates there (`_probe_in`);
       * `error` is the first error of a background write since the last
         flush (reported by the next flush, like a disk's deferred error).
 
@@ -179,6 +182,7 @@ class WritebackCache:
         self._ready: list[_Entry] = []
         self._blocked: list[_Entry] = []
         self._allocated: set[int] = set()
+        self._probe_in: dict[int, int] = {}    # region -> fallocates before the next look
         self._changed = trio.Event()
         self._kick = trio.Event()
         self._applying = False
@@ -215,15 +219,28 @@ class WritebackCache:
                 self.space_policy = SpacePolicy.NEVER
             self.not_reserved += 1
             return False
+        # Learn which regions have no hole left, but do not pay two more
+        # syscalls on every write into a sparse region: look again only
+        # every PROBE_EVERY fallocates there.
+        probe_in = self._probe_in
         for r in range(r0, r1 + 1):
-            if r not in allocated and space.no_hole(self.fd, r << ALLOC_SHIFT, (r + 1) << ALLOC_SHIFT):
+            if r in allocated:
+                continue
+            left = probe_in.get(r, 0)
+            if left:
+                probe_in[r] = left - 1
+            elif space.no_hole(self.fd, r << ALLOC_SHIFT, (r + 1) << ALLOC_SHIFT):
                 allocated.add(r)
+                probe_in.pop(r, None)
+            else:
+                probe_in[r] = PROBE_EVERY
         return True
 
     def holes_punched(self) -> None:
         """The origin file may have new holes (a discard): forget what
         was known allocated."""
         self._allocated.clear()
+        self._probe_in.clear()
 
     # -- lookups -------------------------------------------------------------
 
